@@ -1,0 +1,46 @@
+"""Write a whole output directory or nothing: build it in a hidden sibling, rename at the end."""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from lowbit.errors import LowbitError
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    out = Path(out)
+    if out.exists() and not overwrite:
+        if not out.is_dir() or any(out.iterdir()):
+            raise LowbitError(f"{out}: already exists; choose a new path or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # same parent, so the final rename stays on one filesystem and is atomic
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        _publishable(tmp)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno == errno.ENOSPC:
+            raise LowbitError(f"{out}: disk full while writing; nothing was left behind") from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _publishable(tmp: Path) -> None:
+    """mkdtemp makes a 0700 directory; give the result the modes a plain mkdir/open would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    for p in tmp.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)

@@ -1,0 +1,136 @@
+"""The `lowbit` command. Parses options, calls the library, prints; no logic of its own."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from lowbit.errors import LowbitError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Quantize LLMs, measure what it cost, run them fast.")
+eval_app = typer.Typer(no_args_is_help=True, help="Measure model quality.")
+app.add_typer(eval_app, name="eval")
+
+MODEL_HELP = "a .gguf file, an HF or quantized model directory, or 'default' (SmolLM2-135M-Instruct)"
+_state = {"debug": False}
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="show tracebacks")):
+    _state["debug"] = debug
+
+
+@app.command()
+def convert(model: str = typer.Argument(..., help=MODEL_HELP),
+            out_dir: Path = typer.Argument(..., help="directory to write (must not exist)"),
+            dtype: str = typer.Option("fp16", help="fp16 | bf16 | fp32"),
+            overwrite: bool = typer.Option(False, help="replace OUT_DIR if it exists")):
+    """Write MODEL as a standard HF directory (safetensors, config, tokenizer, chat template)."""
+    from lowbit.convert import convert as do_convert
+    from lowbit.models.default import resolve_model
+
+    t0 = time.time()
+    out = do_convert(resolve_model(model), out_dir, dtype, overwrite)
+    typer.echo(f"wrote {out} in {time.time() - t0:.1f}s")
+
+
+def _sampling(temperature, top_k, top_p, seed):
+    from lowbit.layers.sampler import SamplingOptions
+
+    return SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+
+
+def _load(model: str, dtype: str, device: Optional[str]):
+    from lowbit.loading.loader import load_model
+    from lowbit.models.default import resolve_model
+
+    return load_model(resolve_model(model), dtype, device)
+
+
+@app.command()
+def generate(model: str = typer.Argument("default", help=MODEL_HELP),
+             prompt: str = typer.Option(..., "--prompt", "-p", help="the user message"),
+             system: Optional[str] = typer.Option(None, help="system message"),
+             raw: bool = typer.Option(False, help="send the prompt as is, without the chat template"),
+             max_new_tokens: int = typer.Option(256, min=1),
+             temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy"),
+             top_k: int = typer.Option(0, min=0), top_p: float = typer.Option(1.0, min=0.0, max=1.0),
+             seed: Optional[int] = typer.Option(None),
+             dtype: str = typer.Option("fp32", help="compute dtype: fp32 | fp16 | bf16"),
+             device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda if present)")):
+    """Answer one prompt, streaming tokens as they come."""
+    from lowbit.engine.generator import stream_text
+
+    m, tok, ckpt = _load(model, dtype, device)
+    if raw:
+        ids = tok.encode(prompt)
+    else:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        ids = tok.encode_chat(messages)
+    stop = tok.stop_token_ids(ckpt.generation_config().get("eos_token_id"))
+    t0, n = time.time(), 0
+    for piece in stream_text(m, tok, ids, max_new_tokens, _sampling(temperature, top_k, top_p, seed), stop):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+        n += 1
+    dt = time.time() - t0
+    typer.echo(f"\n[{n} pieces in {dt:.1f}s]", err=True)
+
+
+@app.command()
+def chat(model: str = typer.Argument("default", help=MODEL_HELP),
+         system: Optional[str] = typer.Option(None, help="system message"),
+         max_new_tokens: int = typer.Option(512, min=1),
+         temperature: float = typer.Option(0.7, min=0.0), top_k: int = typer.Option(0, min=0),
+         top_p: float = typer.Option(0.9, min=0.0, max=1.0), seed: Optional[int] = typer.Option(None),
+         dtype: str = typer.Option("fp32"), device: Optional[str] = typer.Option(None)):
+    """Talk to MODEL in the terminal. /reset clears the conversation, /exit leaves."""
+    from lowbit.engine.generator import stream_text
+
+    m, tok, ckpt = _load(model, dtype, device)
+    stop = tok.stop_token_ids(ckpt.generation_config().get("eos_token_id"))
+    opts = _sampling(temperature, top_k, top_p, seed)
+    history = [{"role": "system", "content": system}] if system else []
+    typer.echo("lowbit chat: /reset clears the conversation, /exit leaves.")
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            break
+        if line.strip() == "/exit":
+            break
+        if line.strip() == "/reset":
+            history = history[:1] if system else []
+            typer.echo("(conversation cleared)")
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        reply = []
+        for piece in stream_text(m, tok, tok.encode_chat(history), max_new_tokens, opts, stop):
+            reply.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv
+    try:
+        app()
+    except LowbitError as e:
+        if debug:
+            raise
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""The KV cache the model writes into. The model only calls `update` and `advance`; the paged
+cache of the engine implements the same two calls."""
+from __future__ import annotations
+
+import torch
+
+from lowbit.errors import LowbitError
+
+
+class ContiguousKVCache:
+    """One preallocated buffer per layer, all sequences of the batch at the same length."""
+
+    def __init__(self, num_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+        shape = (batch, kv_heads, max_len, head_dim)  # [B, kv_heads, max_len, head_dim]
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.max_len = max_len
+        self.length = 0  # tokens already stored (and visible to the next step)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v [B, kv_heads, T, D] for the new tokens; returns all keys/values so far."""
+        t = k.shape[2]
+        end = self.length + t
+        if end > self.max_len:
+            raise LowbitError(f"KV cache full: {end} tokens needed, room for {self.max_len}; raise max_len")
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, t: int) -> None:
+        self.length += t
+
+    def reset(self) -> None:
+        self.length = 0

@@ -1,0 +1,75 @@
+"""Open any supported checkpoint and build our model from it, one tensor at a time."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.loading.checkpoint import Checkpoint
+from lowbit.models.llama import LlamaModel
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise LowbitError(f"--dtype {name!r}: expected one of fp32, fp16, bf16")
+    return DTYPES[name]
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    if not path.exists():
+        raise LowbitError(f"{path}: no such file or directory")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise LowbitError(f"{path}: expected a .gguf file or an HF model directory")
+        from lowbit.loading.gguf_file import GGUFFile
+
+        return GGUFFile(path)
+    from lowbit.loading.safetensors_dir import SafetensorsDir
+
+    ckpt = SafetensorsDir(path)
+    if ckpt.config.family == "internlm2":
+        from lowbit.loading.internlm2 import InternLM2Names
+
+        return InternLM2Names(ckpt)
+    return ckpt
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device | str = "cpu") -> LlamaModel:
+    from lowbit.layers.formats import method_for_checkpoint
+
+    with torch.device(device):
+        model = LlamaModel(ckpt.config, method_for_checkpoint(ckpt.quant, ckpt.source), dtype)
+    load_weights(model, ckpt)
+    return model.eval()
+
+
+def load_weights(model: LlamaModel, ckpt: Checkpoint) -> None:
+    """Copy each checkpoint tensor into the parameter of the same name; float tensors take the
+    model's dtype, integer ones (packed codes) stay as stored."""
+    for name, param in model.state_dict(keep_vars=True).items():
+        t = ckpt.get(name)
+        if tuple(t.shape) != tuple(param.shape):
+            raise LowbitError(f"{ckpt.source}: tensor {name!r} has shape {tuple(t.shape)}, "
+                              f"expected {tuple(param.shape)} from config.json")
+        param.data.copy_(t)
+    for module in model.modules():
+        if hasattr(module, "method"):
+            module.method.after_load(module)
+
+
+def load_model(path: str | Path, dtype: str | torch.dtype = "fp32", device: str | torch.device | None = None):
+    """Returns (model, tokenizer, checkpoint) for a .gguf file or an HF / quantized directory."""
+    ckpt = open_checkpoint(path)
+    model = build_model(ckpt, parse_dtype(dtype), device or default_device())
+    return model, ckpt.tokenizer(), ckpt

@@ -1,0 +1,131 @@
+"""The Llama-family decoder: Llama 2/3, Mistral, Qwen2, SmolLM2, InternLM2 (after its weights are
+renamed on load). Plain PyTorch; every projection is a `QLinear`, so the weight format is decided
+when the layers are built, never here."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from lowbit.config import ModelConfig
+from lowbit.layers.activation import silu_and_mul
+from lowbit.layers.attention import gqa_attention
+from lowbit.layers.linear import LinearMethod, QLinear
+from lowbit.layers.norm import RMSNorm
+from lowbit.layers.rotary import RotaryEmbedding, apply_rotary
+
+# (layer name, in_features, out_features) -> the weight format of that projection.
+MethodFor = Callable[[str, int, int], LinearMethod | None]
+
+
+def _dense(_name, _i, _o):
+    return None
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, prefix: str, method_for: MethodFor, dtype):
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
+        self.sliding_window = cfg.sliding_window
+
+        def lin(name, i, o, bias):
+            return QLinear(i, o, bias, method_for(f"{prefix}.{name}", i, o), dtype)
+
+        self.q_proj = lin("q_proj", h, self.n_heads * d, cfg.qkv_bias)
+        self.k_proj = lin("k_proj", h, self.n_kv * d, cfg.qkv_bias)
+        self.v_proj = lin("v_proj", h, self.n_kv * d, cfg.qkv_bias)
+        self.o_proj = lin("o_proj", self.n_heads * d, h, cfg.o_bias)
+
+    def forward(self, x, cos, sin, cache, layer_idx: int):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer_idx, k, v)
+        out = gqa_attention(q, k, v, self.sliding_window)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, prefix: str, method_for: MethodFor, dtype):
+        super().__init__()
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = QLinear(h, i, cfg.mlp_bias, method_for(f"{prefix}.gate_proj", h, i), dtype)
+        self.up_proj = QLinear(h, i, cfg.mlp_bias, method_for(f"{prefix}.up_proj", h, i), dtype)
+        self.down_proj = QLinear(i, h, cfg.mlp_bias, method_for(f"{prefix}.down_proj", i, h), dtype)
+
+    def forward(self, x):
+        return self.down_proj(silu_and_mul(self.gate_proj(x), self.up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, idx: int, method_for: MethodFor, dtype):
+        super().__init__()
+        prefix = f"model.layers.{idx}"
+        self.idx = idx
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = Attention(cfg, f"{prefix}.self_attn", method_for, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = MLP(cfg, f"{prefix}.mlp", method_for, dtype)
+
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, self.idx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig, method_for: MethodFor, dtype):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, method_for, dtype) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+
+class LlamaModel(nn.Module):
+    """Parameter names equal the HF Llama names, so a checkpoint loads by name."""
+
+    def __init__(self, cfg: ModelConfig, method_for: MethodFor = _dense, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg, method_for, dtype)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
+        # the output head stays dense: it is 1-2% of a 7B model's bytes and sensitive to error.
+        self.lm_head = None if cfg.tie_word_embeddings else QLinear(cfg.hidden_size, cfg.vocab_size, False, None, dtype)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype):
+        return self.rotary.cos_sin(positions, dtype)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.model.norm(h)
+        if self.lm_head is None:
+            return nn.functional.linear(h, self.model.embed_tokens.weight)
+        return self.lm_head(h)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
+                last_only: bool = False) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, vocab] (fp32), or [B, 1, vocab] with last_only."""
+        if positions is None:
+            start = cache.length if cache is not None else 0
+            positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+            positions = positions.expand(input_ids.shape[0], -1)
+        h = self.embed(input_ids)
+        cos, sin = self.rope(positions, h.dtype)
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, cache)
+        if cache is not None:
+            cache.advance(input_ids.shape[1])
+        if last_only:
+            h = h[:, -1:]
+        return self.head(h).float()
