@@ -1,0 +1,40 @@
+"""Shared fixtures: the real default model, loaded once per session."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lowbit.models.default import default_model_path
+
+
+@pytest.fixture(scope="session")
+def gguf_path():
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def smol(gguf_path):
+    """(our fp32 model, tokenizer, checkpoint) for SmolLM2-135M-Instruct."""
+    from lowbit.loading.loader import load_model
+
+    return load_model(gguf_path, "fp32", "cpu")
+
+
+@pytest.fixture(scope="session")
+def hf_smol(gguf_path):
+    """transformers' own LlamaForCausalLM, loaded by transformers' own GGUF reader."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                dtype=torch.float32).eval()
+
+
+def run_cli(*args: str, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
+    """Runs `lowbit ARGS` in a fresh interpreter, as a user would."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "lowbit.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, **kw)
