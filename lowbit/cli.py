@@ -60,7 +60,7 @@ def generate(model: str = typer.Argument("default", help=MODEL_HELP),
              temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy"),
              top_k: int = typer.Option(0, min=0), top_p: float = typer.Option(1.0, min=0.0, max=1.0),
              seed: Optional[int] = typer.Option(None),
-             dtype: str = typer.Option("fp32", help="compute dtype: fp32 | fp16 | bf16"),
+             dtype: str = typer.Option("auto", help="compute dtype: auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16"),
              device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda if present)")):
     """Answer one prompt, streaming tokens as they come."""
     from lowbit.engine.generator import stream_text
@@ -87,7 +87,8 @@ def chat(model: str = typer.Argument("default", help=MODEL_HELP),
          max_new_tokens: int = typer.Option(512, min=1),
          temperature: float = typer.Option(0.7, min=0.0), top_k: int = typer.Option(0, min=0),
          top_p: float = typer.Option(0.9, min=0.0, max=1.0), seed: Optional[int] = typer.Option(None),
-         dtype: str = typer.Option("fp32"), device: Optional[str] = typer.Option(None)):
+         dtype: str = typer.Option("auto", help="auto | fp32 | fp16 | bf16"),
+         device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda if present)")):
     """Talk to MODEL in the terminal. /reset clears the conversation, /exit leaves."""
     from lowbit.engine.generator import stream_text
 

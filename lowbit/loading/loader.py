@@ -68,8 +68,12 @@ def load_weights(model: LlamaModel, ckpt: Checkpoint) -> None:
             module.method.after_load(module)
 
 
-def load_model(path: str | Path, dtype: str | torch.dtype = "fp32", device: str | torch.device | None = None):
-    """Returns (model, tokenizer, checkpoint) for a .gguf file or an HF / quantized directory."""
+def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device | None = None):
+    """Returns (model, tokenizer, checkpoint) for a .gguf file or an HF / quantized directory.
+    dtype "auto" computes in fp16 on a GPU and fp32 on the CPU (where fp16 matmuls are slow)."""
     ckpt = open_checkpoint(path)
-    model = build_model(ckpt, parse_dtype(dtype), device or default_device())
+    device = torch.device(device) if device else default_device()
+    if dtype == "auto":
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    model = build_model(ckpt, parse_dtype(dtype), device)
     return model, ckpt.tokenizer(), ckpt
