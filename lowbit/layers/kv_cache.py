@@ -1,10 +1,11 @@
-"""The KV cache the model writes into. The model only calls `update` and `advance`; the paged
-cache of the engine implements the same two calls."""
+"""The KV cache the model writes into. The model calls only `attention` (store the new keys and
+values, attend over all that is stored) and `advance`; a paged cache implements the same two."""
 from __future__ import annotations
 
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.layers.attention import gqa_attention
 
 
 class ContiguousKVCache:
@@ -27,6 +28,12 @@ class ContiguousKVCache:
         self.k[layer][:, :, self.length:end] = k
         self.v[layer][:, :, self.length:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  sliding_window: int | None = None) -> torch.Tensor:
+        """q [B, H, T, D], new k/v [B, KVH, T, D] -> attention output [B, H, T, D]."""
+        k_all, v_all = self.update(layer, k, v)
+        return gqa_attention(q, k_all, v_all, sliding_window)
 
     def advance(self, t: int) -> None:
         self.length += t

@@ -44,9 +44,10 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(layer_idx, k, v)
-        out = gqa_attention(q, k, v, self.sliding_window)
+        if cache is None:
+            out = gqa_attention(q, k, v, self.sliding_window)
+        else:  # the cache stores the new k/v and attends over everything it holds
+            out = cache.attention(layer_idx, q, k, v, self.sliding_window)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
