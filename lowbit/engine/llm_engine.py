@@ -1,0 +1,138 @@
+"""The step loop: requests in, one scheduled batch per step through the model runner, outputs
+out to each request's sink. Thread-safe: `LLM.generate` and the async engine's thread may both
+add requests and step; a lock serialises them, and every output reaches its own request's sink
+whoever stepped."""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from typing import Callable
+
+from lowbit.engine.block_manager import BlockManager
+from lowbit.engine.config import EngineConfig
+from lowbit.engine.model_runner import ModelRunner
+from lowbit.engine.outputs import RequestOutput, RequestState
+from lowbit.engine.sampling_params import SamplingParams
+from lowbit.engine.scheduler import Scheduler
+from lowbit.engine.sequence import Sequence
+from lowbit.errors import LowbitError
+
+log = logging.getLogger(__name__)
+
+Prompt = str | list[int]
+
+
+class LLMEngine:
+    def __init__(self, model, tokenizer, config: EngineConfig, eos_token_ids: set[int]):
+        self.config = config.resolved(model.config)
+        self.tokenizer = tokenizer
+        self.eos_token_ids = set(eos_token_ids)
+        self.vocab_size = model.config.vocab_size
+        self.runner = ModelRunner(model, self.config)
+        c = self.config
+        self.block_manager = BlockManager(self.runner.num_blocks, c.block_size, c.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, c.max_batch_size, c.max_num_batched_tokens, c.max_model_len)
+        self.requests: dict[str, RequestState] = {}
+        self.lock = threading.RLock()
+        self._next_id = itertools.count()
+
+    # -- requests ----------------------------------------------------------------------------
+    def make_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                     sink: Callable[[RequestOutput], None] | None = None) -> RequestState:
+        """Checks and tokenizes a request without touching the engine's state; LowbitError says
+        what is wrong with it."""
+        params = params or SamplingParams()
+        request_id = self.new_request_id() if request_id is None else str(request_id)
+        text = prompt if isinstance(prompt, str) else None
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        where = f"request {request_id}"
+        if not ids:
+            raise LowbitError(f"{where}: empty prompt")
+        if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in ids):
+            raise LowbitError(f"{where}: prompt token ids must be integers in [0, {self.vocab_size})")
+        if len(ids) > self.config.max_model_len:
+            raise LowbitError(f"{where}: prompt has {len(ids)} tokens, more than max_model_len="
+                              f"{self.config.max_model_len}; shorten it or raise max_model_len")
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+        return RequestState(Sequence(request_id, ids, params, stop_ids), text, self.tokenizer, sink)
+
+    def new_request_id(self) -> str:
+        return str(next(self._next_id))
+
+    def add(self, state: RequestState) -> str:
+        rid = state.seq.request_id
+        with self.lock:
+            if rid in self.requests:
+                raise LowbitError(f"request id {rid!r} is already running; ids must be unique")
+            self.requests[rid] = state
+            self.scheduler.add(state.seq)
+        return rid
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                    sink: Callable[[RequestOutput], None] | None = None) -> str:
+        return self.add(self.make_request(prompt, params, request_id, sink))
+
+    def abort(self, request_id: str, error: LowbitError | None = None) -> None:
+        """Stops a request and frees its cache; its sink gets a last output, finish_reason "abort"
+        (or "error" with the error given). An unknown or finished id is ignored: the request may
+        have finished meanwhile."""
+        with self.lock:
+            state = self.requests.get(request_id)
+            if state is not None:
+                state.error = error
+                self.scheduler.finish(state.seq, "error" if error else "abort")
+                self._emit([state])
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # -- the loop ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        with self.lock:
+            if not self.scheduler.has_work():
+                return []
+            batch = self.scheduler.schedule()
+            if not batch.seqs:
+                return []
+            try:
+                sampled, logprobs = self.runner.run(batch)
+            except Exception as e:  # the engine keeps serving; this step's requests fail
+                log.exception("model step failed")
+                states = [self.requests[s.request_id] for s in batch.seqs]
+                for state in states:
+                    state.error = LowbitError(f"request {state.seq.request_id}: the model step failed: {e}")
+                    self.scheduler.finish(state.seq, "error")
+                return self._emit(states)
+            grown = self.scheduler.update(batch, sampled)
+            lp_of = {s.seq_id: lp for s, lp in zip(batch.seqs, logprobs)}
+            states = []
+            for seq in grown:
+                state = self.requests[seq.request_id]
+                states.append(state)
+                try:
+                    # a sampled stop token id ends the sequence without being appended
+                    if state.logprobs is not None and seq.num_output_tokens > state.num_tokens_seen:
+                        state.logprobs.append(lp_of[seq.seq_id])
+                    if state.on_new_tokens():
+                        self.scheduler.finish(seq, "stop")
+                except Exception as e:  # only this request fails
+                    log.exception("request %s failed", seq.request_id)
+                    state.error = LowbitError(f"request {seq.request_id}: {e}")
+                    self.scheduler.finish(seq, "error")
+            return self._emit(states)
+
+    def _emit(self, states: list[RequestState]) -> list[RequestOutput]:
+        outputs = []
+        for state in states:
+            out = state.output()
+            outputs.append(out)
+            if out.finished:
+                self.requests.pop(out.request_id, None)
+                self.runner.release(state.seq)
+            if state.sink is not None:
+                try:
+                    state.sink(out)
+                except Exception:  # a broken listener must not stop the other requests
+                    log.exception("output sink of request %s failed", out.request_id)
+        return outputs
