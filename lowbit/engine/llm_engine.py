@@ -93,8 +93,8 @@ class LLMEngine:
             if not self.scheduler.has_work():
                 return []
             batch = self.scheduler.schedule()
-            if not batch.seqs:
-                return []
+            if not batch.seqs:  # the cache holds a max_model_len sequence, so something always fits
+                raise RuntimeError(f"scheduler made no progress: {self.scheduler.waiting}, {self.scheduler.running}")
             try:
                 sampled, logprobs = self.runner.run(batch)
             except Exception as e:  # the engine keeps serving; this step's requests fail
