@@ -154,3 +154,16 @@ def test_stream_deltas_add_up_and_abort_frees_the_request(smol, prompt_ids, alon
     llm.shutdown()
     assert final.finished and ids == alone[1] and "".join(pieces) == final.text
     assert not llm.engine.has_unfinished() and llm.engine.block_manager.num_free_blocks == 64
+
+
+def test_stream_never_sends_text_a_stop_string_removes(smol, prompt_ids, alone):
+    llm = _llm(smol)
+
+    async def run():
+        return [out async for out in llm.stream(prompt_ids[2], SamplingParams(max_tokens=MAX_TOKENS, stop=[" 7,"]))]
+
+    outs = asyncio.run(run())
+    llm.shutdown()
+    full = smol[1].decode(alone[2])
+    assert outs[-1].text == full[:full.index(" 7,")] == "".join(o.delta_text for o in outs)
+    assert all(o.text.startswith(prev.text) for prev, o in zip(outs, outs[1:]))
