@@ -120,6 +120,33 @@ def chat(model: str = typer.Argument("default", help=MODEL_HELP),
         history.append({"role": "assistant", "content": "".join(reply)})
 
 
+@app.command()
+def quantize(method: str = typer.Argument(..., help="rtn | awq | gptq"),
+             model: str = typer.Argument(..., help=MODEL_HELP),
+             work_dir: Path = typer.Option(..., "--work-dir", help="directory to write the quantized checkpoint to"),
+             w_bits: int = typer.Option(4, "--w-bits", help="2 | 3 | 4 | 8"),
+             group_size: int = typer.Option(128, "--group-size", help="32 | 64 | 128 | -1 (per output channel)"),
+             zero_point: bool = typer.Option(True, "--zero-point/--symmetric", help="asymmetric codes with a zero point"),
+             calib_dataset: str = typer.Option("wikitext2", "--calib-dataset", help="corpus name in shared/data"),
+             calib_samples: int = typer.Option(128, "--calib-samples", min=1),
+             calib_seqlen: int = typer.Option(2048, "--calib-seqlen", min=1),
+             seed: int = typer.Option(0, "--seed", help="which calibration windows are drawn"),
+             device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda if present)"),
+             act_order: bool = typer.Option(False, "--act-order", help="GPTQ: columns by descending Hessian diagonal"),
+             static_groups: bool = typer.Option(True, "--static-groups/--no-static-groups",
+                                                help="with --act-order: keep natural groups (no g_idx)"),
+             fmt: Optional[str] = typer.Option(None, "--format", help="awq | gptq (default: awq for rtn/awq, gptq for gptq)"),
+             overwrite: bool = typer.Option(False, help="replace --work-dir if it exists")):
+    """Quantize MODEL's linear weights with RTN, AWQ or GPTQ and write an AWQ or GPTQ checkpoint."""
+    from lowbit.quant.api import quantize as do_quantize
+
+    res = do_quantize(model, method, work_dir, w_bits=w_bits, group_size=group_size, zero_point=zero_point,
+                      calib_dataset=calib_dataset, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
+                      seed=seed, device=device, act_order=act_order, static_groups=static_groups, fmt=fmt,
+                      overwrite=overwrite, log=lambda line: typer.echo(line, err=True))
+    typer.echo(f"wrote {res.out_dir} ({method} w{w_bits} g{group_size}) in {res.seconds:.1f}s")
+
+
 def main() -> None:
     debug = "--debug" in sys.argv
     try:

@@ -1,0 +1,136 @@
+"""`lowbit.quantize(...)`: check every option, load, calibrate, run the method layer by layer, save.
+
+Everything that can be refused is refused before the first layer is touched: the method and
+format, the bit width, a group size that does not divide some layer's input dimension, a model
+that is already quantized, an output directory in the way, a calibration set that is too short.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.quant.calibration import DEFAULT_DATASET, DEFAULT_SAMPLES, DEFAULT_SEQLEN, calibration_set
+from lowbit.quant.driver import LINEAR_NAMES, quantize_model_layers
+from lowbit.quant.qweight import QuantizedWeight
+from lowbit.quant.rtn import check_bits, check_group_size
+
+METHODS = ("rtn", "awq", "gptq")
+DEFAULT_FORMAT = {"rtn": "awq", "awq": "awq", "gptq": "gptq"}
+# bit widths each on-disk layout holds: AutoAWQ's GEMM layout packs 4-bit codes only; the GPTQ
+# layout (AutoGPTQ / GPTQModel) packs 2, 3, 4 and 8.
+FORMAT_BITS = {"awq": (4,), "gptq": (2, 3, 4, 8)}
+DEFAULT_GROUP_SIZE = 128  # AWQ / LMDeploy default; refused with the valid sizes where it does not divide
+
+
+@dataclass
+class QuantizeResult:
+    model: torch.nn.Module  # dense model whose linear weights are the dequantized ones (and AWQ's folded norms)
+    qweights: dict[str, QuantizedWeight]
+    layer_errors: list[float]  # relative output error per layer (empty for RTN)
+    seconds: float  # calibration + quantization, not loading or saving
+    out_dir: Path | None = None
+    options: dict = field(default_factory=dict)
+
+
+def check_options(method: str, w_bits: int, fmt: str, act_order: bool, static_groups: bool) -> None:
+    if method not in METHODS:
+        raise LowbitError(f"method {method!r}: expected one of {', '.join(METHODS)}")
+    check_bits(w_bits)
+    if fmt not in FORMAT_BITS:
+        raise LowbitError(f"--format {fmt!r}: expected awq or gptq")
+    if w_bits not in FORMAT_BITS[fmt]:
+        raise LowbitError(f"--format {fmt} stores {', '.join(map(str, FORMAT_BITS[fmt]))}-bit codes, not "
+                          f"--w-bits {w_bits}; use --format gptq for {w_bits}-bit {method}")
+    if act_order and method != "gptq":
+        raise LowbitError(f"--act-order is a GPTQ option; {method} does not use it")
+    if act_order and not static_groups and fmt == "awq":
+        raise LowbitError("--act-order without static groups needs g_idx, which the awq format cannot store; "
+                          "use --format gptq or keep --static-groups")
+
+
+def linear_in_features(model) -> dict[str, int]:
+    return {f"model.layers.{i}.{n}": layer.get_submodule(n).in_features
+            for i, layer in enumerate(model.layers) for n in LINEAR_NAMES}
+
+
+def make_method(method: str, w_bits: int, group_size: int, symmetric: bool, act_order: bool, static_groups: bool,
+                awq_clip: bool = True):
+    if method == "rtn":
+        from lowbit.quant.rtn import RTNMethod
+
+        return RTNMethod(w_bits, group_size, symmetric)
+    if method == "awq":
+        from lowbit.quant.awq import AWQMethod
+
+        return AWQMethod(w_bits, group_size, symmetric, clip=awq_clip)
+    from lowbit.quant.gptq import GPTQMethod
+
+    return GPTQMethod(w_bits, group_size, symmetric, act_order=act_order, static_groups=static_groups)
+
+
+def quantize(model: str | Path | torch.nn.Module = "default", method: str = "awq", work_dir: str | Path | None = None, *,
+             w_bits: int = 4, group_size: int = DEFAULT_GROUP_SIZE, zero_point: bool = True,
+             calib_dataset: str = DEFAULT_DATASET, calib_samples: int = DEFAULT_SAMPLES,
+             calib_seqlen: int = DEFAULT_SEQLEN, seed: int = 0, device: str | None = None,
+             act_order: bool = False, static_groups: bool = True, fmt: str | None = None,
+             dtype: str = "fp32", overwrite: bool = False, awq_clip: bool = True, tokenizer=None,
+             log: Callable[[str], None] | None = print) -> QuantizeResult:
+    """Quantize MODEL's decoder linears with rtn | awq | gptq and, with `work_dir`, write an AWQ- or
+    GPTQ-format checkpoint there. Returns the fake-quantized model and the codes of every linear."""
+    from lowbit.loading.loader import build_model, default_device, open_checkpoint, parse_dtype
+    from lowbit.models.default import resolve_model
+
+    fmt = fmt or DEFAULT_FORMAT.get(method, "awq")
+    check_options(method, w_bits, fmt, act_order, static_groups)
+    if work_dir is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("lowbit.quant.export") is None:
+            raise LowbitError("writing a quantized checkpoint needs lowbit.quant.export, which this install lacks; "
+                              "call without work_dir to quantize in memory")
+        out = Path(work_dir)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+            raise LowbitError(f"{out}: already exists; choose a new --work-dir or pass --overwrite")
+    if isinstance(model, torch.nn.Module):
+        # an already loaded dense model (quantized in place); its tokenizer must come with it
+        if tokenizer is None:
+            raise LowbitError("quantize(model=<loaded model>) needs tokenizer=")
+        net = model
+    else:
+        ckpt = open_checkpoint(resolve_model(str(model)))
+        if ckpt.quant:
+            raise LowbitError(f"{ckpt.source}: already quantized (quantization_config.quant_method "
+                              f"{ckpt.quant.get('quant_method')!r}); quantize the original full-precision model")
+        net = build_model(ckpt, parse_dtype(dtype), "cpu")  # stays on the CPU; layers visit the device one by one
+        tokenizer = ckpt.tokenizer()
+    already = [n for n, m in net.named_modules() if getattr(m, "method", None) is not None and m.method.name != "dense"]
+    if already:
+        raise LowbitError(f"{already[0]}: already quantized ({net.get_submodule(already[0]).method.name}); "
+                          f"quantize the original full-precision model")
+    check_group_size(linear_in_features(net), group_size)
+    layer_method = make_method(method, w_bits, group_size, not zero_point, act_order, static_groups, awq_clip)
+    calib = None
+    if layer_method.needs_calibration:
+        calib = calibration_set(tokenizer, calib_dataset, calib_samples, calib_seqlen, seed)
+
+    dev = torch.device(device) if device else default_device()
+    t0 = time.time()
+    qweights, errors = quantize_model_layers(net, layer_method, calib, dev, log=log)
+    seconds = time.time() - t0
+    options = {"method": method, "w_bits": w_bits, "group_size": group_size, "zero_point": zero_point,
+               "act_order": act_order, "static_groups": static_groups if act_order else None,
+               "calib_dataset": calib_dataset if calib is not None else None,
+               "calib_samples": calib_samples if calib is not None else None,
+               "calib_seqlen": calib_seqlen if calib is not None else None, "seed": seed}
+    result = QuantizeResult(net, qweights, errors, seconds, None, options)
+    if work_dir is not None:
+        from lowbit.quant.export import save_quantized
+
+        result.out_dir = save_quantized(work_dir, net, qweights, fmt, tokenizer, overwrite=overwrite,
+                                        extra_config={"lowbit": options})
+    return result
