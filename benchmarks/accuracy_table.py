@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
@@ -22,30 +21,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lowbit.eval.datasets import load_text  # noqa: E402
+from lowbit.eval.ppl import perplexity  # noqa: E402
 from lowbit.loading.loader import load_model  # noqa: E402
 from lowbit.models.default import resolve_model  # noqa: E402
 from lowbit.quant.api import quantize  # noqa: E402
 
 CONFIGS = [(b, g) for b, g in [(4, 64), (4, 32), (3, 64)]]
 METHODS = ["rtn", "awq", "gptq"]
-
-
-@torch.no_grad()
-def perplexity(model, token_ids: list[int], seqlen: int, device, limit: int | None) -> tuple[float, int]:
-    """exp(mean next-token NLL) over non-overlapping windows of `seqlen` tokens (the first
-    token of each window is context only). Returns (ppl, windows)."""
-    ids = torch.tensor(token_ids, dtype=torch.long)
-    n = ids.numel() // seqlen
-    if limit:
-        n = min(n, limit)
-    nll_sum, count = 0.0, 0
-    for w in range(n):
-        x = ids[w * seqlen:(w + 1) * seqlen][None].to(device)
-        logits = model(x)[0, :-1].float()
-        nll_sum += float(torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum"))
-        count += seqlen - 1
-    return math.exp(nll_sum / count), n
 
 
 def dir_bytes(path: Path) -> int:
@@ -73,6 +55,8 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N windows")
+    ap.add_argument("--eval-dtype", default=None, help="fp16 on cuda, fp32 on cpu unless given")
+    ap.add_argument("--batch-size", type=int, default=1, help="eval windows per forward")
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--calib-seqlen", type=int, default=2048)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -83,9 +67,9 @@ def main():
 
     state = json.loads(args.state.read_text()) if args.state.exists() else {}
     dev = torch.device(args.device)
+    eval_dtype = args.eval_dtype or ("fp16" if dev.type == "cuda" else "fp32")
     model_path = resolve_model(args.model)
     _, tok, _ = load_model(model_path, "fp32", "cpu")
-    test_ids = tok.encode(load_text("wikitext2", role="eval"))
     have_export = (ROOT / "lowbit" / "quant" / "export.py").exists()
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
 
@@ -99,7 +83,7 @@ def main():
             continue
         t0 = time.time()
         if key == "fp":
-            model, _, _ = load_model(model_path, "fp32", "cpu")
+            model, _, _ = load_model(model_path, eval_dtype, dev)
             row = {"method": "fp", "bits": 16, "group_size": None, "quant_seconds": 0.0,
                    "disk_bytes": sum(t.numel() * 2 for t in model.state_dict().values()), "disk_exact": False}
         else:
@@ -111,10 +95,12 @@ def main():
                            calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, device=str(dev),
                            act_order=method == "gptq", static_groups=True, fmt=fmt, overwrite=True,
                            log=lambda line, k=key: print(f"[{k}] {line}", flush=True))
-            model = res.model
+            model = res.model.to(dev)
             if have_export:
+                # score the checkpoint as written (packed codes, fp16 scales), read back by our loader
+                del model
+                model, _, _ = load_model(wd, eval_dtype, dev)
                 disk, exact = dir_bytes(wd), True
-                shutil.rmtree(wd, ignore_errors=True)
             else:
                 disk, exact = estimated_bytes(model, res.qweights, bits, group, fmt), False
             row = {"method": method, "bits": bits, "group_size": group, "format": fmt,
@@ -122,7 +108,8 @@ def main():
                    "mean_layer_error": sum(res.layer_errors) / len(res.layer_errors) if res.layer_errors else None,
                    "options": res.options}
         t1 = time.time()
-        ppl, n_windows = perplexity(model.to(dev), test_ids, args.seqlen, dev, args.limit)
+        res = perplexity(model, tok, "wikitext2", args.seqlen, args.limit, args.batch_size, dev)
+        ppl, n_windows = res.ppl, res.windows
         row.update(ppl=ppl, windows=n_windows, eval_seconds=round(time.time() - t1, 1),
                    total_seconds=round(time.time() - t0, 1), device=device_name)
         print(f"{key}: ppl {ppl:.3f} over {n_windows} windows; quant {row['quant_seconds']}s, eval "
@@ -130,9 +117,11 @@ def main():
         state[key] = row
         save_state()
         del model
+        if have_export and key != "fp":
+            shutil.rmtree(args.work_dir / key, ignore_errors=True)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    write_results(state, args, len(test_ids))
+    write_results(state, args)
 
 
 def bits_per_weight(row) -> float:
@@ -142,7 +131,7 @@ def bits_per_weight(row) -> float:
     return row["bits"] + (16 + row["bits"]) / row["group_size"]
 
 
-def write_results(state: dict, args, n_test_tokens: int) -> None:
+def write_results(state: dict, args) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     fp = state.get("fp", {}).get("ppl")
     rows = []
@@ -153,7 +142,7 @@ def write_results(state: dict, args, n_test_tokens: int) -> None:
         rows.append(r)
     summary = {"model": "SmolLM2-135M-Instruct (GGUF Q4_1/Q8_0 weights, dequantized: the 'fp' row)",
                "eval": f"WikiText-2 raw test, non-overlapping windows of {args.seqlen} tokens",
-               "test_tokens": n_test_tokens, "limit_windows": args.limit,
+               "limit_windows": args.limit,
                "calibration": f"wikitext2 validation (tokenized variant), {args.calib_samples} x {args.calib_seqlen} "
                               f"tokens, seed 0", "rows": rows}
     for b, g in CONFIGS:

@@ -120,6 +120,29 @@ def chat(model: str = typer.Argument("default", help=MODEL_HELP),
         history.append({"role": "assistant", "content": "".join(reply)})
 
 
+@eval_app.command("ppl")
+def eval_ppl(model: str = typer.Argument("default", help=MODEL_HELP),
+             dataset: str = typer.Option("wikitext2", help="corpus name (wikitext2, tinyshakespeare, ...)"),
+             seqlen: int = typer.Option(2048, min=2, help="tokens per non-overlapping window"),
+             limit: Optional[int] = typer.Option(None, min=1, help="score only the first N windows"),
+             batch_size: int = typer.Option(1, min=1, help="windows per forward pass"),
+             json_out: Optional[Path] = typer.Option(None, "--json", help="also write the result as JSON here"),
+             dtype: str = typer.Option("auto", help="auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16"),
+             device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda if present)")):
+    """Perplexity on a dataset's eval split, in the GPTQ/AWQ papers' convention."""
+    import json
+
+    from lowbit.eval.ppl import perplexity
+
+    m, tok, _ = _load(model, dtype, device)
+    res = perplexity(m, tok, dataset, seqlen, limit, batch_size)
+    typer.echo(f"{dataset} ppl {res.ppl:.4f} ({res.windows}/{res.total_windows} windows of {seqlen} tokens, "
+               f"{res.seconds:.1f}s)")
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(dict(res.to_dict(), model=model), indent=1) + "\n")
+
+
 @app.command()
 def quantize(method: str = typer.Argument(..., help="rtn | awq | gptq"),
              model: str = typer.Argument(..., help=MODEL_HELP),
