@@ -108,7 +108,7 @@ def main():
                    "mean_layer_error": sum(res.layer_errors) / len(res.layer_errors) if res.layer_errors else None,
                    "options": res.options}
         t1 = time.time()
-        res = perplexity(model, tok, "wikitext2", args.seqlen, args.limit, args.batch_size, dev)
+        res = perplexity(model, tok, "wikitext2", args.seqlen, args.limit, args.batch_size, dev, show_progress=False)
         ppl, n_windows = res.ppl, res.windows
         row.update(ppl=ppl, windows=n_windows, eval_seconds=round(time.time() - t1, 1),
                    total_seconds=round(time.time() - t0, 1), device=device_name)
