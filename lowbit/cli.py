@@ -170,6 +170,19 @@ def quantize(method: str = typer.Argument(..., help="rtn | awq | gptq"),
     typer.echo(f"wrote {res.out_dir} ({method} w{w_bits} g{group_size}) in {res.seconds:.1f}s")
 
 
+@app.command()
+def info(model: str = typer.Argument(..., help=MODEL_HELP),
+         as_json: bool = typer.Option(False, "--json", help="print the facts as one JSON object")):
+    """Architecture, parameters, weight format (dtype / awq / gptq, bits, group size), size on disk."""
+    import json
+
+    from lowbit.loading.info import format_info, model_info
+    from lowbit.models.default import resolve_model
+
+    facts = model_info(resolve_model(model))
+    typer.echo(json.dumps(facts.to_dict(), indent=1) if as_json else format_info(facts))
+
+
 def main() -> None:
     debug = "--debug" in sys.argv
     try:

@@ -1,12 +1,72 @@
-"""Which LinearMethod each projection of a checkpoint gets, from its `quantization_config`."""
+"""Which LinearMethod each projection of a checkpoint gets, from its `quantization_config`.
+
+Keys are read the way transformers' AwqConfig / GPTQConfig read them (`utils/quantization_config.py`),
+legacy spellings included: AWQ `bits`|`w_bit`, `group_size`|`q_group_size`, `version`|`format`;
+GPTQ `checkpoint_format`|`format`. Anything we cannot run exactly is refused here, before a tensor
+is read.
+"""
 from __future__ import annotations
 
 from lowbit.errors import LowbitError
 from lowbit.layers.linear import make_method
+from lowbit.loading import awq_format, gptq_format
+
+import lowbit.layers.quantized_linear  # noqa: F401  (registers the awq and gptq methods)
+
+
+def _get(quant: dict, *keys, default=None):
+    return next((quant[k] for k in keys if quant.get(k) is not None), default)
+
+
+def _group_size(quant: dict, where: str) -> int:
+    gs = _get(quant, "group_size", "q_group_size", default=-1)
+    if not isinstance(gs, int) or (gs <= 0 and gs != -1):
+        raise LowbitError(f"{where}.group_size {gs!r}: expected a positive integer or -1 (per output channel)")
+    return gs
+
+
+def awq_options(quant: dict, where: str) -> dict:
+    bits = _get(quant, "bits", "w_bit")
+    if bits not in awq_format.BITS:
+        raise LowbitError(f"{where}.bits {bits!r}: the awq gemm layout stores 4-bit codes only")
+    version = str(_get(quant, "version", "format", default="gemm")).lower()
+    if version != "gemm":
+        raise LowbitError(f"{where}.version {version!r}: lowbit reads AutoAWQ's 'gemm' layout only "
+                          f"(re-export the model with version='gemm')")
+    return {"bits": bits, "group_size": _group_size(quant, where), "zero_point": bool(quant.get("zero_point", True))}
+
+
+def gptq_options(quant: dict, where: str) -> dict:
+    bits = quant.get("bits")
+    if bits not in gptq_format.BITS:
+        raise LowbitError(f"{where}.bits {bits!r}: the gptq layout holds {', '.join(map(str, gptq_format.BITS))}-bit codes")
+    fmt = str(_get(quant, "checkpoint_format", "format", default="gptq")).lower()
+    if fmt not in gptq_format.FORMATS:
+        raise LowbitError(f"{where}.checkpoint_format {fmt!r}: lowbit reads "
+                          f"{' and '.join(map(repr, gptq_format.FORMATS))} (not marlin/bitblas repacks)")
+    return {"bits": bits, "group_size": _group_size(quant, where), "zero_offset": gptq_format.FORMATS[fmt],
+            "desc_act": bool(quant.get("desc_act", False)), "sym": bool(quant.get("sym", True))}
+
+
+_OPTIONS = {"awq": awq_options, "gptq": gptq_options}
 
 
 def method_for_checkpoint(quant: dict | None, source: str = ""):
+    """-> method_for(layer name, in_features, out_features): a LinearMethod, or None for dense."""
     if not quant:
         return lambda _name, _i, _o: None
-    kind = quant.get("quant_method")
-    raise LowbitError(f"{source}: quantization_config.quant_method {kind!r} is not supported")
+    kind = str(quant.get("quant_method", "")).lower()
+    where = f"{source}: quantization_config" if source else "quantization_config"
+    if kind not in _OPTIONS:
+        raise LowbitError(f"{where}.quant_method {quant.get('quant_method')!r} is not supported "
+                          f"(lowbit reads {', '.join(_OPTIONS)})")
+    options = _OPTIONS[kind](quant, where)
+    # AutoAWQ and transformers skip a module when any entry is a substring of its name
+    skip = quant.get("modules_to_not_convert") or []
+
+    def method_for(name: str, _in: int, _out: int):
+        if any(key in name for key in skip):
+            return None
+        return make_method(kind, prefix=name, **options)
+
+    return method_for

@@ -60,12 +60,18 @@ def load_weights(model: LlamaModel, ckpt: Checkpoint) -> None:
     for name, param in model.state_dict(keep_vars=True).items():
         t = ckpt.get(name)
         if tuple(t.shape) != tuple(param.shape):
-            raise LowbitError(f"{ckpt.source}: tensor {name!r} has shape {tuple(t.shape)}, "
-                              f"expected {tuple(param.shape)} from config.json")
+            basis = "config.json and its quantization_config" if ckpt.quant else "config.json"
+            raise LowbitError(f"{_file_of(ckpt, name)}: tensor {name!r} has shape {tuple(t.shape)}, "
+                              f"expected {tuple(param.shape)} from {basis}")
         param.data.copy_(t)
     for module in model.modules():
         if hasattr(module, "method"):
             module.method.after_load(module)
+
+
+def _file_of(ckpt: Checkpoint, name: str) -> str:
+    """The shard a tensor came from, where the reader knows it (a safetensors dir), else the checkpoint."""
+    return str(getattr(ckpt, "_where", {}).get(name, ckpt.source))
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device | None = None):

@@ -1,0 +1,149 @@
+"""AWQ (GEMM) and GPTQ weights as `LinearMethod`s.
+
+`create_weights` makes the checkpoint's own tensors (`qweight`, `qzeros`, `scales`, `g_idx`) so the
+loader fills them by name; `after_load` unpacks them once into the compute form: codes uint8
+[out, in], scales [out, G], zeros int32 [out, G] and, only when it is not `column // group_size`, the
+group of each column. `apply` runs the Triton W4A16 kernel (`lowbit.kernels.w4a16`) when x is on a
+GPU and that kernel is installed, and otherwise dequantizes on the fly in plain PyTorch.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.layers.linear import LinearMethod, register_method
+from lowbit.loading import awq_format, gptq_format
+
+
+def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor | None,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """[out, in] weight in `dtype`: w = (code - zero) * scale of the column's group. Without g_idx the
+    groups are contiguous, so broadcasting over [out, G, group] replaces the gather."""
+    if g_idx is None:
+        out_f, in_f = codes.shape
+        n_groups = scales.shape[1]
+        w = codes.view(out_f, n_groups, in_f // n_groups).to(dtype)  # a fresh tensor: safe to work in place
+        return w.sub_(zeros[..., None].to(dtype)).mul_(scales[..., None].to(dtype)).view(out_f, in_f)
+    return codes.to(dtype).sub_(zeros[:, g_idx].to(dtype)).mul_(scales[:, g_idx].to(dtype))
+
+
+class PackedLinearMethod(LinearMethod):
+    """What AWQ and GPTQ share: tensors by checkpoint name, the compute form, the two matmul paths."""
+
+    int_tensors = ("qweight", "qzeros", "g_idx")
+
+    def __init__(self, bits: int, group_size: int, prefix: str = "", **options):
+        self.bits, self.group_size, self.prefix = bits, group_size, prefix
+        self.options = options  # zero_point / sym / desc_act, as the checkpoint declares them
+        self._kernel_weight = None
+
+    def shapes(self, in_features: int, out_features: int) -> dict[str, tuple[int, ...]]:
+        raise NotImplementedError
+
+    def unpack(self, layer):
+        """-> codes uint8 [out, in], scales [out, G], zeros int32 [out, G], g_idx int32 [in] or None."""
+        raise NotImplementedError
+
+    def create_weights(self, layer, dtype):
+        in_f, out_f = layer.in_features, layer.out_features
+        if self.group_size != -1 and in_f % self.group_size:
+            raise LowbitError(f"{self.prefix}: quantization_config.group_size {self.group_size} does not divide "
+                              f"in_features {in_f}; the checkpoint does not match its config.json")
+        for name, shape in self.shapes(in_f, out_f).items():
+            layer.register_buffer(name, torch.empty(shape, dtype=torch.int32 if name in self.int_tensors else dtype))
+
+    def after_load(self, layer):
+        codes, scales, zeros, g_idx = self.unpack(layer)
+        n_groups = scales.shape[1]
+        if g_idx is not None:
+            if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups):
+                raise LowbitError(f"{self.prefix}.g_idx: group indices must lie in [0, {n_groups}); "
+                                  f"found {int(g_idx.min())}..{int(g_idx.max())}")
+            gs = layer.in_features // n_groups
+            natural = torch.arange(layer.in_features, device=g_idx.device) // gs
+            g_idx = None if torch.equal(g_idx.long(), natural) else g_idx.long()
+        # non-persistent: moved by .to(), absent from state_dict (the checkpoint tensors stay the truth)
+        layer.register_buffer("codes_nxk", codes, persistent=False)
+        layer.register_buffer("scales_nxg", scales, persistent=False)
+        layer.register_buffer("zeros_nxg", zeros, persistent=False)
+        layer.register_buffer("g_idx_k", g_idx, persistent=False)
+        self._kernel_weight = None
+
+    def _gpu_kernel(self, layer):
+        """The W4A16 kernel's packed weight, built on first GPU use; None where the kernel is absent
+        or does not take this bit width (it declares SUPPORTED_BITS; 4 when it does not say)."""
+        if self._kernel_weight is None:
+            try:
+                from lowbit.kernels import w4a16
+            except ImportError:
+                self._kernel_weight = False
+                return None
+            if self.bits not in getattr(w4a16, "SUPPORTED_BITS", (4,)):
+                self._kernel_weight = False
+                return None
+            g_idx = layer.g_idx_k.to(torch.int32) if layer.g_idx_k is not None else None
+            self._kernel_weight = w4a16.pack_w4a16(layer.codes_nxk, layer.scales_nxg, layer.zeros_nxg,
+                                                   self.group_size, g_idx=g_idx, bits=self.bits)
+        return self._kernel_weight or None
+
+    def apply(self, layer, x):
+        if x.is_cuda:
+            kw = self._gpu_kernel(layer)
+            if kw is not None:
+                from lowbit.kernels.w4a16 import w4a16_matmul
+
+                y = w4a16_matmul(x, kw)
+                return y + layer.bias if layer.bias is not None else y
+        w = dequantize_codes(layer.codes_nxk, layer.scales_nxg, layer.zeros_nxg, layer.g_idx_k, x.dtype)
+        return nn.functional.linear(x, w, layer.bias)
+
+    def dequantize(self, layer):
+        return dequantize_codes(layer.codes_nxk, layer.scales_nxg, layer.zeros_nxg, layer.g_idx_k, torch.float32)
+
+
+class AWQLinearMethod(PackedLinearMethod):
+    """AutoAWQ GEMM (`version: "gemm"`), 4-bit; see lowbit/loading/awq_format.py for the layout."""
+
+    name = "awq"
+
+    def create_weights(self, layer, dtype):
+        if layer.out_features % awq_format.PACK:
+            raise LowbitError(f"{self.prefix}: out_features {layer.out_features} is not a multiple of "
+                              f"{awq_format.PACK}, which the awq gemm layout needs")
+        super().create_weights(layer, dtype)
+
+    def shapes(self, in_features, out_features):
+        return awq_format.shapes(in_features, out_features, self.group_size)
+
+    def unpack(self, layer):
+        codes, scales, zeros = awq_format.unpack(layer.qweight, layer.qzeros, layer.scales)
+        return codes, scales, zeros, None
+
+
+class GPTQLinearMethod(PackedLinearMethod):
+    """AutoGPTQ / GPTQModel (`checkpoint_format` gptq or gptq_v2), 2/3/4/8-bit, with g_idx."""
+
+    name = "gptq"
+
+    def __init__(self, bits, group_size, prefix="", zero_offset: int = 1, **options):
+        super().__init__(bits, group_size, prefix, **options)
+        self.zero_offset = zero_offset  # 1 for v1 checkpoints (zero - 1 stored), 0 for gptq_v2
+
+    def create_weights(self, layer, dtype):
+        for what, n in (("in_features", layer.in_features), ("out_features", layer.out_features)):
+            if n % 32:
+                raise LowbitError(f"{self.prefix}: {what} {n} is not a multiple of 32, which the gptq layout "
+                                  f"needs to pack {self.bits}-bit codes into whole int32 words")
+        super().create_weights(layer, dtype)
+
+    def shapes(self, in_features, out_features):
+        return gptq_format.shapes(in_features, out_features, self.bits, self.group_size)
+
+    def unpack(self, layer):
+        return gptq_format.unpack(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, self.bits,
+                                  self.zero_offset)
+
+
+register_method("awq", AWQLinearMethod)
+register_method("gptq", GPTQLinearMethod)

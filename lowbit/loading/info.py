@@ -1,0 +1,115 @@
+"""`lowbit info MODEL`: what a checkpoint is and what it costs on disk, read from headers only
+(config.json, safetensors headers, GGUF metadata); no tensor is loaded."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from lowbit.loading.loader import open_checkpoint
+
+LINEAR_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class ModelInfo:
+    path: str
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    params: int  # of the dense model this checkpoint represents (quantized linears counted as in x out)
+    format: str  # dense | gguf | awq | gptq
+    tensor_dtypes: dict[str, int]  # stored dtype -> number of tensors
+    disk_bytes: int  # every file of the checkpoint
+    weight_bytes: int  # the tensor files only (*.safetensors / .gguf)
+    bytes_per_param: float  # weight_bytes / params
+    linears: int  # decoder projections (q/k/v/o/gate/up/down of every layer)
+    quantized_linears: int = 0
+    bits: int | None = None
+    group_size: int | None = None
+    zero_point: bool | None = None  # awq
+    version: str | None = None  # awq layout
+    desc_act: bool | None = None  # gptq
+    sym: bool | None = None  # gptq
+    checkpoint_format: str | None = None  # gptq
+    quantized_by: dict = field(default_factory=dict)  # the options lowbit quantize ran with, if it wrote it
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _dense_params(cfg) -> int:
+    from lowbit.models.llama import LlamaModel
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in LlamaModel(cfg).parameters())
+
+
+def _tensor_dtypes(ckpt, weight_files: list[Path]) -> Counter:
+    if getattr(ckpt, "reader", None) is not None:  # GGUF: the ggml type of each tensor (Q4_1, F32, ...)
+        return Counter(t.tensor_type.name for t in ckpt.reader.tensors)
+    from safetensors import safe_open
+
+    counts: Counter = Counter()
+    for shard in weight_files:
+        with safe_open(str(shard), framework="pt") as f:
+            counts.update(f.get_slice(k).get_dtype() for k in f.keys())
+    return counts
+
+
+def model_info(path: str | Path) -> ModelInfo:
+    path = Path(path)
+    ckpt = open_checkpoint(path)
+    cfg = ckpt.config
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    weight_files = [p for p in files if p.suffix in (".safetensors", ".gguf")]
+    disk, weights = sum(p.stat().st_size for p in files), sum(p.stat().st_size for p in weight_files)
+    params = _dense_params(cfg)
+    dtypes = _tensor_dtypes(ckpt, weight_files)
+    quant = ckpt.quant or {}
+    kind = str(quant.get("quant_method", "")).lower() or ("gguf" if path.is_file() else "dense")
+    info = ModelInfo(path=str(path), architecture=cfg.architecture, num_layers=cfg.num_hidden_layers,
+                     hidden_size=cfg.hidden_size, params=params, format=kind, tensor_dtypes=dict(dtypes),
+                     disk_bytes=disk, weight_bytes=weights, bytes_per_param=weights / params,
+                     linears=cfg.num_hidden_layers * len(LINEAR_SUFFIXES),
+                     quantized_linears=sum(1 for n in ckpt.names() if n.endswith(".qweight")))
+    if quant:
+        info.bits = quant.get("bits", quant.get("w_bit"))
+        info.group_size = quant.get("group_size", quant.get("q_group_size"))
+        info.quantized_by = quant.get("lowbit") or {}
+        if kind == "awq":
+            info.zero_point = bool(quant.get("zero_point", True))
+            info.version = str(quant.get("version", quant.get("format", "gemm"))).lower()
+        elif kind == "gptq":
+            info.desc_act = bool(quant.get("desc_act", False))
+            info.sym = bool(quant.get("sym", True))
+            info.checkpoint_format = str(quant.get("checkpoint_format", quant.get("format", "gptq"))).lower()
+    return info
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def format_info(info: ModelInfo) -> str:
+    rows = [("model", info.path),
+            ("architecture", f"{info.architecture}, {info.num_layers} layers, hidden {info.hidden_size}"),
+            ("parameters", f"{info.params / 1e6:.1f}M (dense)")]
+    stored = ", ".join(f"{k} x{v}" for k, v in sorted(info.tensor_dtypes.items()))
+    if info.format in ("awq", "gptq"):
+        detail = {"awq": f"version={info.version} zero_point={info.zero_point}",
+                  "gptq": f"checkpoint_format={info.checkpoint_format} desc_act={info.desc_act} sym={info.sym}"}
+        rows.append(("format", f"{info.format} {info.bits}-bit, group size {info.group_size}, {detail[info.format]}"))
+        rows.append(("quantized", f"{info.quantized_linears} of {info.linears} decoder linears"))
+        if info.quantized_by:
+            rows.append(("quantized by", " ".join(f"{k}={v}" for k, v in info.quantized_by.items() if v is not None)))
+    else:
+        rows.append(("format", info.format))
+    rows += [("tensors", stored),
+             ("on disk", f"{_mb(info.disk_bytes)} (tensor files {_mb(info.weight_bytes)})"),
+             ("bytes/param", f"{info.bytes_per_param:.3f} (tensor files / dense parameters; "
+                             f"{8 * info.bytes_per_param:.2f} bits)")]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

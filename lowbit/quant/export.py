@@ -1,0 +1,96 @@
+"""Write a quantized model as an HF directory that AutoAWQ / GPTQ readers (and our loader) take:
+config.json with `quantization_config`, *.safetensors with the packed linears and everything else
+in fp16, the tokenizer, generation_config.json. Built in a hidden sibling and renamed at the end
+(`atomic_output_dir`), so a failure, a full disk included, leaves nothing that looks complete.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from lowbit.atomic_dir import atomic_output_dir
+from lowbit.errors import LowbitError
+from lowbit.loading import awq_format, gptq_format
+from lowbit.loading.hf_writer import write_json, write_tensors
+from lowbit.quant.qweight import QuantizedWeight
+
+LAYOUT_BITS = {"awq": awq_format.BITS, "gptq": gptq_format.BITS}
+
+
+def quantization_config(fmt: str, qweights: dict[str, QuantizedWeight]) -> dict:
+    """The `quantization_config` of config.json, with the keys transformers' AwqConfig / GPTQConfig read.
+    Refuses what the layout cannot store: other bit widths, mixed settings, g_idx in awq."""
+    if fmt not in LAYOUT_BITS:
+        raise LowbitError(f"--format {fmt!r}: expected awq or gptq")
+    if not qweights:
+        raise LowbitError("nothing to write: no quantized linear layers")
+    first_name, first = next(iter(qweights.items()))
+    if first.bits not in LAYOUT_BITS[fmt]:
+        raise LowbitError(f"--format {fmt} stores {', '.join(map(str, LAYOUT_BITS[fmt]))}-bit codes, not "
+                          f"{first.bits}-bit ({first_name})")
+    for name, qw in qweights.items():  # one config for the whole checkpoint
+        if (qw.bits, qw.group_size, qw.symmetric) != (first.bits, first.group_size, first.symmetric):
+            raise LowbitError(f"{name}: w{qw.bits} g{qw.group_size} sym={qw.symmetric} differs from {first_name}'s "
+                              f"w{first.bits} g{first.group_size} sym={first.symmetric}; one checkpoint holds one setting")
+    act_order = [n for n, qw in qweights.items() if qw.g_idx is not None]
+    if fmt == "awq":
+        if act_order:
+            raise LowbitError(f"{act_order[0]}: has an act-order g_idx, which the awq layout cannot store; "
+                              f"use --format gptq")
+        return {"quant_method": "awq", "bits": first.bits, "group_size": first.group_size,
+                "zero_point": not first.symmetric, "version": "gemm", "modules_to_not_convert": None}
+    return {"quant_method": "gptq", "bits": first.bits, "group_size": first.group_size, "desc_act": bool(act_order),
+            "sym": first.symmetric, "checkpoint_format": "gptq"}
+
+
+def packed_tensors(name: str, qw: QuantizedWeight, fmt: str) -> dict[str, torch.Tensor]:
+    """One linear's checkpoint tensors, keyed by full name (`{name}.qweight`, ...)."""
+    if fmt == "awq":
+        parts = awq_format.pack(qw.codes, qw.scales, qw.zeros)
+    else:
+        parts = gptq_format.pack(qw.codes, qw.scales, qw.zeros, qw.bits, qw.group_size, qw.g_idx)
+    return {f"{name}.{k}": v for k, v in parts.items()}
+
+
+def checkpoint_tensors(net, qweights: dict[str, QuantizedWeight], fmt: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the checkpoint in the model's order: packed linears where a QuantizedWeight
+    exists, fp16 for the rest (embeddings, norms, biases, an untied lm_head)."""
+    for name, t in net.state_dict().items():
+        owner, _, leaf = name.rpartition(".")
+        if owner in qweights:
+            if leaf == "weight":
+                yield from packed_tensors(owner, qweights[owner], fmt).items()
+                continue
+            if leaf != "bias":
+                raise LowbitError(f"{name}: {owner} is already quantized; quantize the full-precision model")
+        yield name, t.detach().to("cpu", torch.float16)
+
+
+def save_quantized(work_dir: str | Path, net, qweights: dict[str, QuantizedWeight], fmt: str, tokenizer, *,
+                   overwrite: bool = False, extra_config: dict | None = None) -> Path:
+    """Write `net` (dense, with the dequantized weights) with its linears packed from `qweights` into
+    work_dir in the awq or gptq layout; returns work_dir. extra_config is merged into
+    `quantization_config` (quantize passes {"lowbit": the options it ran with})."""
+    out = Path(work_dir)
+    qconfig = {**quantization_config(fmt, qweights), **(extra_config or {})}
+    missing = [n for n in qweights if f"{n}.weight" not in net.state_dict()]
+    if missing:
+        raise LowbitError(f"{missing[0]}: quantized, but the model has no such linear layer")
+    cfg = net.config
+    hf = cfg.to_hf()
+    if cfg.family == "internlm2":  # our loader already split wqkv: write it as the Llama it now is
+        hf.update(architectures=["LlamaForCausalLM"], model_type="llama")
+    hf.update(torch_dtype="float16", quantization_config=qconfig)
+    gen = {"bos_token_id": cfg.bos_token_id if cfg.bos_token_id is not None else tokenizer.bos_token_id,
+           "eos_token_id": cfg.eos_token_id if cfg.eos_token_id is not None else tokenizer.eos_token_id}
+    try:
+        with atomic_output_dir(out, overwrite) as tmp:
+            write_tensors(tmp, checkpoint_tensors(net, qweights, fmt), metadata={"quant_method": fmt})
+            write_json(tmp / "config.json", hf)
+            write_json(tmp / "generation_config.json", gen)
+            tokenizer.save(tmp)
+    except OSError as e:  # atomic_output_dir turns ENOSPC into a LowbitError; anything else lands here
+        raise LowbitError(f"{out}: could not write the checkpoint ({e.strerror or e}); nothing was left behind") from None
+    return out
