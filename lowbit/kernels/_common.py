@@ -1,0 +1,81 @@
+"""What the kernel modules share: output allocation, device facts, and the per-shape config tuner.
+
+Nothing here defines a Triton kernel, so importing it never fixes the interpreter/GPU choice
+(`@triton.jit` reads TRITON_INTERPRET when it decorates, i.e. when a kernel module is imported).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Callable, Hashable, Sequence
+
+import torch
+
+# Tests set this to prove every output element is written: kernel outputs and split-K workspaces
+# are then born as NaN instead of uninitialised memory (which is often zeros, hiding misses).
+POISON = False
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def new_empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    if POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of `device`; 4 off the GPU so that the interpreter still takes split paths."""
+    if device.type != "cuda":
+        return 4
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+# ---- per-shape tuning --------------------------------------------------------------------------
+# Configs chosen by timing, keyed by (kernel family, shape bucket, dtypes...). LOWBIT_AUTOTUNE=0
+# keeps the heuristic config (tests do, to bound compile time); tuning never runs under the
+# interpreter or while a CUDA graph is being captured (timing would break the capture).
+_TUNED: dict[Hashable, object] = {}
+TUNE_LOG: list[dict] = []  # one entry per tuned key: what was tried and how long each took (ms)
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get("LOWBIT_AUTOTUNE", "1") != "0" and not interpreting()
+
+
+def pick_config(key: Hashable, candidates: Sequence, run: Callable[[object], None], device: torch.device):
+    """The fastest of `candidates` for `key` (the first when tuning is off), cached per process."""
+    if key in _TUNED:
+        return _TUNED[key]
+    if len(candidates) == 1 or device.type != "cuda" or not autotune_enabled():
+        return candidates[0]
+    if torch.cuda.is_current_stream_capturing():
+        return candidates[0]
+    from triton.testing import do_bench
+
+    timings = []
+    for cfg in candidates:
+        try:
+            ms = do_bench(lambda: run(cfg), warmup=5, rep=20, return_mode="median")
+        except Exception as exc:  # a config the compiler rejects (e.g. out of shared memory) is skipped
+            timings.append((float("inf"), cfg, f"{type(exc).__name__}: {str(exc)[:120]}"))
+            continue
+        timings.append((ms, cfg, None))
+    best = min(timings, key=lambda t: t[0])
+    if best[0] == float("inf"):
+        raise RuntimeError(f"no config ran for {key}: {timings[0][2]}")
+    _TUNED[key] = best[1]
+    TUNE_LOG.append({"key": repr(key), "best": repr(best[1]), "best_ms": best[0],
+                     "tried": [(repr(c), ms, err) for ms, c, err in timings]})
+    return best[1]

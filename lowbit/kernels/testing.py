@@ -1,0 +1,41 @@
+"""What the kernel tests share: the CPU-interpreter switch, poisoned outputs, the error measure.
+
+Kernels run on CUDA when there is one, else under Triton's interpreter. `@triton.jit` reads
+TRITON_INTERPRET when it decorates, i.e. when a kernel module is first imported, so
+`device_for_tests()` must run before the test module imports any kernel module; a kernel module
+imported earlier for the GPU (by another test module, through lowbit.layers) is reloaded.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import torch
+
+# dependency order: a module is reloaded after the modules whose kernels it calls
+_KERNEL_MODULES = ("w4a16", "kv_write", "paged_attention", "prefill_attention", "rmsnorm", "rotary",
+                   "activation")
+
+
+def device_for_tests() -> torch.device:
+    os.environ.setdefault("LOWBIT_AUTOTUNE", "0")  # heuristic configs: bounded compile time on the GPU
+    from lowbit.kernels import _common
+
+    _common.POISON = True  # outputs and workspaces start as NaN: a missed element fails the test
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    os.environ["TRITON_INTERPRET"] = "1"
+    for name in _KERNEL_MODULES:
+        mod = sys.modules.get(f"lowbit.kernels.{name}")
+        if mod is not None and getattr(mod, "_TRITON_INTERPRET", True) is False:
+            importlib.reload(mod)
+    return torch.device("cpu")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; NaN anywhere in out gives inf."""
+    out, ref = out.double().cpu(), ref.double().cpu()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return float((out - ref).norm() / ref.norm().clamp(min=1e-30))

@@ -1,0 +1,409 @@
+"""Weight-only quantized matmul: y = x @ dequant(W).T with 2/3/4/8-bit integer weights (W4A16).
+
+Weights arrive as the quantizers produce them (`codes` uint8 [N, K], per-group `scales` [N, G] and
+integer `zeros` [N, G]; w = (code - zero) * scale) and are repacked once by `pack_w4a16`:
+
+* Columns are ordered by group (act-order g_idx: a stable sort; x is gathered the same way at
+  call time) and each group is padded with zero columns to whole *planes* of P = 16 columns, so a
+  plane never straddles two groups. `plane_group` [K_pad / P] names each plane's group.
+* Codes live in a `cb`-bit container (cb = 4 for 2/3/4-bit, 8 for 8-bit), E = 32 / cb per int32.
+  A block is E planes (E * P columns). `qweight_int32_kxn` [K_pad / E, N] is N-contiguous (a row
+  of a tile is one coalesced load) and row r = b * P + i holds, in bits [j * cb, (j + 1) * cb),
+  the code of column k = b * E * P + j * P + i. Code j of a tile is therefore a [P, N] plane whose
+  x operand is a *contiguous* slice x[:, bEP + jP : bEP + jP + P]: no interleave, no reshape, and
+  the plane feeds tl.dot (K = 16) directly.
+* scales and zeros are stored [G, N] (N-contiguous) in fp16 when that keeps every scale to 1e-3
+  (fp32 otherwise); zeros are integers, exact in fp16.
+
+Dequantization is exact fp32 arithmetic plus one fma: the code is moved to the top of a float's
+mantissa, f = 1 + code / 2**cb, so (code - zero) * scale = f * S - Z with S = scale * 2**cb and
+Z = S + zero * scale. No int->float conversion instruction (a quarter-rate unit on Hopper).
+
+Paths, by M (rows of x): 'gemv' (CUDA cores, M = 1), 'mm' (tensor cores; BM = 16 for M <= 16 with
+split-K over a second grid axis and an fp32 two-stage reduction, larger tiles for prefill) and
+'dq' (dequantize to a dense [K, N] matrix, then cuBLAS; only offered for M >= 256). Which config
+runs is timed once per (path, M bucket, N, K, bits, dtype) and cached (lowbit.kernels._common).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from lowbit.kernels._common import interpreting, new_empty, next_pow2, pick_config, sm_count
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+PLANE = 16  # P: columns per plane = the K of one tl.dot
+_TRITON_INTERPRET = interpreting()  # what @triton.jit saw when this module was imported
+# Triton's CPU interpreter multiplies bf16 dot operands as raw bits: it gets fp32 operands instead
+_DOT_F32 = tl.constexpr(_TRITON_INTERPRET)
+
+
+def container_bits(bits: int) -> int:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"w4a16: {bits}-bit weights are not supported; use one of {SUPPORTED_BITS}")
+    return 8 if bits == 8 else 4
+
+
+@dataclass
+class W4A16Weight:
+    qweight_int32_kxn: torch.Tensor  # int32 [k_padded // E, N], layout in the module docstring
+    scales_gxn: torch.Tensor  # fp16 or fp32 [G, N]
+    zeros_gxn: torch.Tensor  # same dtype as scales [G, N], integer values
+    plane_group: torch.Tensor  # int32 [k_padded // PLANE]
+    x_index: torch.Tensor | None  # int64 [k_padded]: column of x at each packed position (K: zero); None = identity
+    in_features: int
+    out_features: int
+    k_padded: int
+    bits: int
+    group_size: int
+
+    @property
+    def container_bits(self) -> int:
+        return container_bits(self.bits)
+
+    @property
+    def n_blocks(self) -> int:
+        return self.k_padded // (PLANE * 32 // self.container_bits)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes one matmul reads for the weight: codes, scales, zeros and the plane table."""
+        return sum(t.numel() * t.element_size()
+                   for t in (self.qweight_int32_kxn, self.scales_gxn, self.zeros_gxn, self.plane_group))
+
+
+def _group_of_columns(k: int, n_groups: int, group_size: int, g_idx, device) -> torch.Tensor:
+    if g_idx is not None:
+        grp = g_idx.to(device=device, dtype=torch.int64)
+        if grp.shape != (k,):
+            raise ValueError(f"w4a16: g_idx has shape {tuple(grp.shape)}, expected ({k},)")
+    else:
+        gs = k if group_size == -1 else group_size
+        if gs <= 0 or k % gs:
+            raise ValueError(f"w4a16: group size {group_size} does not divide in_features {k}")
+        grp = torch.arange(k, device=device) // gs
+    if k and (int(grp.min()) < 0 or int(grp.max()) >= n_groups):
+        raise ValueError(f"w4a16: column groups must lie in [0, {n_groups}) (the scales' second dim)")
+    return grp
+
+
+def _scale_storage(scales: torch.Tensor) -> torch.Tensor:
+    s = scales.float()
+    s16 = s.half().float()
+    # fp16 halves the bytes; keep fp32 where fp16 would move a scale by more than 1e-3 (degenerate
+    # all-zero groups carry the quantizer's 1e-6 floor and reproduce 0 with any scale)
+    ok = ((s16 - s).abs() <= 1e-3 * s.abs()) | (s.abs() <= 1.01e-6)
+    return s.half() if bool(ok.all()) and bool(torch.isfinite(s16).all()) else s
+
+
+def pack_w4a16(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+               g_idx: torch.Tensor | None = None, bits: int = 4) -> W4A16Weight:
+    """codes uint8 [N, K], scales float [N, G], zeros int32 [N, G] -> the kernels' layout (on codes' device)."""
+    cb = container_bits(bits)
+    e = 32 // cb
+    n, k = codes.shape
+    n_groups = scales.shape[1]
+    if scales.shape != (n, n_groups) or zeros.shape != (n, n_groups):
+        raise ValueError(f"w4a16: scales {tuple(scales.shape)} and zeros {tuple(zeros.shape)} must both be [{n}, G]")
+    dev = codes.device
+    grp = _group_of_columns(k, n_groups, group_size, g_idx, dev)
+
+    # order columns by group and pad every group to whole planes
+    order = torch.argsort(grp, stable=True)
+    grp_sorted = grp[order]
+    counts = torch.bincount(grp, minlength=n_groups)
+    padded = (counts + PLANE - 1) // PLANE * PLANE
+    start_raw = torch.cumsum(counts, 0) - counts
+    ends_pad = torch.cumsum(padded, 0)
+    start_pad = ends_pad - padded
+    new_pos = start_pad[grp_sorted] + (torch.arange(k, device=dev) - start_raw[grp_sorted])
+    block = e * PLANE
+    k_groups = int(ends_pad[-1]) if n_groups else 0
+    k_pad = max(block, (k_groups + block - 1) // block * block)
+    identity = bool(torch.equal(new_pos, order))
+    x_index = None
+    if not identity:
+        x_index = torch.full((k_pad,), k, dtype=torch.int64, device=dev)
+        x_index[new_pos] = order
+    plane_start = torch.arange(k_pad // PLANE, device=dev) * PLANE
+    plane_group = torch.searchsorted(ends_pad, plane_start, right=True).clamp(max=n_groups - 1).to(torch.int32)
+
+    cp = torch.zeros(n, k_pad, dtype=torch.uint8, device=dev)
+    cp[:, new_pos] = codes[:, order].to(torch.uint8)
+    nb = k_pad // block
+    cp = cp.view(n, nb, e, PLANE)
+    words = torch.zeros(n, nb, PLANE, dtype=torch.int64, device=dev)
+    for j in range(e):
+        words |= (cp[:, :, j, :].to(torch.int64) & ((1 << cb) - 1)) << (j * cb)
+    words = words.permute(1, 2, 0).reshape(nb * PLANE, n)  # row r = b * P + i, N contiguous
+    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32).contiguous()
+
+    s = _scale_storage(scales)
+    return W4A16Weight(qweight_int32_kxn=words, scales_gxn=s.t().contiguous(),
+                       zeros_gxn=zeros.to(s.dtype).t().contiguous(), plane_group=plane_group.contiguous(),
+                       x_index=x_index, in_features=k, out_features=n, k_padded=k_pad, bits=bits,
+                       group_size=group_size)
+
+
+def w4a16_ref(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+              group_size: int, g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain PyTorch: y = x @ ((codes - zeros[g]) * scales[g]).T in fp32, returned in x's dtype."""
+    n, k = codes.shape
+    grp = _group_of_columns(k, scales.shape[1], group_size, g_idx, codes.device)
+    w = (codes.float() - zeros[:, grp].float()) * scales[:, grp].float()
+    return (x.float() @ w.t()).to(x.dtype)
+
+
+# ---- kernels ------------------------------------------------------------------------------------
+
+@triton.jit
+def _dequant(w, S, Z, J: tl.constexpr, CB: tl.constexpr):
+    """Code J of each int32 in w as (code - zero) * scale, given S = scale * 2**CB, Z = S + zero * scale."""
+    SH: tl.constexpr = J * CB - (23 - CB)  # moves code J to mantissa bits [23 - CB, 23)
+    if SH > 0:
+        t = w >> SH
+    elif SH < 0:
+        t = w << (-SH)
+    else:
+        t = w
+    MASK: tl.constexpr = ((1 << CB) - 1) << (23 - CB)
+    f = ((t & MASK) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + code / 2**CB, exact
+    return f * S - Z
+
+
+@triton.jit
+def _plane_scales(s_ptr, z_ptr, pg_ptr, plane, offs_n, nmask, stride_g, CB: tl.constexpr):
+    g = tl.load(pg_ptr + plane)
+    s = tl.load(s_ptr + g * stride_g + offs_n, mask=nmask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + g * stride_g + offs_n, mask=nmask, other=0.0).to(tl.float32)
+    S = s * (1 << CB)
+    return S, S + z * s
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, pg_ptr, out_ptr,
+                 N, KX, n_blocks, blocks_per_split, stride_wr, stride_g,
+                 CB: tl.constexpr, P: tl.constexpr, BN: tl.constexpr, U: tl.constexpr,
+                 PARTIAL: tl.constexpr):
+    # M = 1 on CUDA cores: a [P, BN] fp32 accumulator, reduced over P once at the end
+    E: tl.constexpr = 32 // CB
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_p = tl.arange(0, P)
+    nmask = offs_n < N
+    acc = tl.zeros((P, BN), tl.float32)
+    b_start = pid_s * blocks_per_split
+    b_end = tl.minimum(b_start + blocks_per_split, n_blocks)
+    k_end = tl.minimum(KX, b_end * (E * P))
+    for b0 in range(b_start, b_end, U):
+        for u in tl.static_range(U):
+            # a ragged last iteration re-reads block b_end - 1 with x masked to zero
+            b = tl.minimum(b0 + u, b_end - 1)
+            rows = b * P + offs_p
+            w = tl.load(w_ptr + rows[:, None] * stride_wr + offs_n[None, :], mask=nmask[None, :], other=0)
+            for j in tl.static_range(E):
+                S, Z = _plane_scales(s_ptr, z_ptr, pg_ptr, b * E + j, offs_n, nmask, stride_g, CB)
+                k = (b0 + u) * (E * P) + j * P + offs_p
+                xv = tl.load(x_ptr + k, mask=k < k_end, other=0.0).to(tl.float32)
+                acc += xv[:, None] * _dequant(w, S[None, :], Z[None, :], j, CB)
+    y = tl.sum(acc, axis=0)
+    if PARTIAL:
+        tl.store(out_ptr + pid_s * N + offs_n, y, mask=nmask)
+    else:
+        tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
+def _mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, pg_ptr, out_ptr,
+               M, N, KX, n_blocks, blocks_per_split, stride_xm, stride_wr, stride_g,
+               CB: tl.constexpr, P: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, U: tl.constexpr,
+               GROUP_M: tl.constexpr, PARTIAL: tl.constexpr):
+    # tensor cores: each code plane is a [P, BN] operand against the contiguous x slice of its columns
+    E: tl.constexpr = 32 // CB
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    grid_m = tl.cdiv(M, BM)
+    grid_n = tl.cdiv(N, BN)
+    width = GROUP_M * grid_n  # GROUP_M row tiles walk the N tiles together: x and W stay in L2
+    first_m = (pid // width) * GROUP_M
+    rows_here = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % rows_here
+    pid_n = (pid % width) // rows_here
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_p = tl.arange(0, P)
+    mmask = offs_m < M
+    nmask = offs_n < N
+    acc = tl.zeros((BM, BN), tl.float32)
+    b_start = pid_s * blocks_per_split
+    b_end = tl.minimum(b_start + blocks_per_split, n_blocks)
+    k_end = tl.minimum(KX, b_end * (E * P))
+    for b0 in range(b_start, b_end, U):
+        for u in tl.static_range(U):
+            # a ragged last iteration re-reads block b_end - 1 with x masked to zero
+            b = tl.minimum(b0 + u, b_end - 1)
+            rows = b * P + offs_p
+            w = tl.load(w_ptr + rows[:, None] * stride_wr + offs_n[None, :], mask=nmask[None, :], other=0)
+            for j in tl.static_range(E):
+                S, Z = _plane_scales(s_ptr, z_ptr, pg_ptr, b * E + j, offs_n, nmask, stride_g, CB)
+                k = (b0 + u) * (E * P) + j * P + offs_p
+                xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
+                             mask=mmask[:, None] & (k < k_end)[None, :], other=0.0)
+                wt = _dequant(w, S[None, :], Z[None, :], j, CB)
+                if _DOT_F32:
+                    acc = tl.dot(xt.to(tl.float32), wt, acc)
+                else:
+                    acc = tl.dot(xt, wt.to(xt.dtype), acc)
+    offs_o = offs_m[:, None] * N + offs_n[None, :]
+    omask = mmask[:, None] & nmask[None, :]
+    if PARTIAL:
+        tl.store(out_ptr + pid_s * M * N + offs_o, acc, mask=omask)
+    else:
+        tl.store(out_ptr + offs_o, acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _splitk_reduce_kernel(ws_ptr, out_ptr, MN, SPLIT, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for s in range(SPLIT):
+        acc += tl.load(ws_ptr + s * MN + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dequant_kernel(w_ptr, s_ptr, z_ptr, pg_ptr, out_ptr, N, stride_wr, stride_g,
+                    CB: tl.constexpr, P: tl.constexpr, BN: tl.constexpr):
+    # the dense [k_padded, N] weight for the cuBLAS path, one block of E planes per program row
+    E: tl.constexpr = 32 // CB
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_p = tl.arange(0, P)
+    nmask = offs_n < N
+    w = tl.load(w_ptr + (b * P + offs_p)[:, None] * stride_wr + offs_n[None, :], mask=nmask[None, :], other=0)
+    for j in tl.static_range(E):
+        S, Z = _plane_scales(s_ptr, z_ptr, pg_ptr, b * E + j, offs_n, nmask, stride_g, CB)
+        wt = _dequant(w, S[None, :], Z[None, :], j, CB)
+        rows = b * (E * P) + j * P + offs_p
+        tl.store(out_ptr + rows[:, None] * N + offs_n[None, :], wt.to(out_ptr.dtype.element_ty),
+                 mask=nmask[None, :])
+
+
+# ---- dispatch -----------------------------------------------------------------------------------
+
+class Config(NamedTuple):
+    kind: str  # 'gemv' | 'mm' | 'dq'
+    BM: int = 16
+    BN: int = 64
+    U: int = 1  # blocks (E planes each) per loop iteration
+    split: int = 1  # K splits (second grid axis); > 1 adds the fp32 reduction kernel
+    warps: int = 4
+    stages: int = 3
+
+
+def _fill_split(programs: int, n_blocks: int, sms: int) -> int:
+    """K splits that give about two programs per multiprocessor, each with >= 2 blocks of K."""
+    if programs >= 2 * sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, programs), n_blocks // 2, 64))
+
+
+def _candidates(m: int, n: int, w: W4A16Weight, device: torch.device) -> list[Config]:
+    nb = w.n_blocks
+    sms = sm_count(device)
+    cdiv = triton.cdiv
+    if interpreting():  # small tiles: the interpreter's cost is per element
+        if m == 1:
+            return [Config("gemv", 1, 32, 1, _fill_split(cdiv(n, 32), nb, sms), 4, 1)]
+        bm = 16 if m <= 16 else 32
+        return [Config("mm", bm, 32, 1, _fill_split(cdiv(m, bm) * cdiv(n, 32), nb, sms), 4, 1)]
+
+    def with_splits(kind, bm, bn, u, warps, stages):
+        programs = cdiv(m, bm) * cdiv(n, bn)
+        fill = _fill_split(programs, nb, sms)
+        return [Config(kind, bm, bn, u, s, warps, stages) for s in dict.fromkeys((fill, 1))]
+
+    out: list[Config] = []
+    if m == 1:
+        for bn, u, warps in ((64, 2, 4), (32, 2, 4), (128, 1, 4), (128, 2, 8), (256, 1, 8)):
+            out += with_splits("gemv", 1, bn, u, warps, 3)
+    if m <= 16:
+        for bn, u in ((64, 2), (32, 2), (128, 1), (64, 1)):
+            out += with_splits("mm", 16, bn, u, 4, 3)
+    elif m <= 64:
+        for bm, bn, warps in ((32, 64, 4), (64, 64, 4), (64, 128, 4), (32, 128, 4)):
+            out += with_splits("mm", bm, bn, 1, warps, 3)
+    else:
+        for bm, bn, warps, stages in ((128, 128, 8, 3), (128, 128, 4, 3), (64, 128, 4, 4),
+                                      (128, 256, 8, 3), (64, 256, 8, 3), (128, 64, 4, 4)):
+            out += with_splits("mm", bm, bn, 1, warps, stages)
+        if m >= 256:
+            out.append(Config("dq", BN=128))
+    return out
+
+
+def _launch(cfg: Config, x2: torch.Tensor, w: W4A16Weight, out: torch.Tensor) -> None:
+    m, kx = x2.shape
+    n = w.out_features
+    cb = w.container_bits
+    nb = w.n_blocks
+    qw, s, z, pg = w.qweight_int32_kxn, w.scales_gxn, w.zeros_gxn, w.plane_group
+    if cfg.kind == "dq":
+        dense = torch.empty(w.k_padded, n, dtype=x2.dtype, device=x2.device)
+        _dequant_kernel[(triton.cdiv(n, cfg.BN), nb)](qw, s, z, pg, dense, n, qw.stride(0), s.stride(0),
+                                                      CB=cb, P=PLANE, BN=cfg.BN, num_warps=4)
+        torch.matmul(x2, dense[:kx], out=out)
+        return
+    bps = triton.cdiv(nb, cfg.split)
+    split = triton.cdiv(nb, bps)
+    partial = split > 1
+    dst = new_empty((split, m, n), torch.float32, x2.device) if partial else out
+    if cfg.kind == "gemv":
+        grid = (triton.cdiv(n, cfg.BN), split)
+        _gemv_kernel[grid](x2, qw, s, z, pg, dst, n, kx, nb, bps, qw.stride(0), s.stride(0),
+                           CB=cb, P=PLANE, BN=cfg.BN, U=cfg.U, PARTIAL=partial,
+                           num_warps=cfg.warps, num_stages=cfg.stages)
+    else:
+        grid = (triton.cdiv(m, cfg.BM) * triton.cdiv(n, cfg.BN), split)
+        _mm_kernel[grid](x2, qw, s, z, pg, dst, m, n, kx, nb, bps, x2.stride(0), qw.stride(0), s.stride(0),
+                         CB=cb, P=PLANE, BM=cfg.BM, BN=cfg.BN, U=cfg.U, GROUP_M=8, PARTIAL=partial,
+                         num_warps=cfg.warps, num_stages=cfg.stages)
+    if partial:
+        mn = m * n
+        _splitk_reduce_kernel[(triton.cdiv(mn, 1024),)](dst, out, mn, split, BLOCK=1024, num_warps=4)
+
+
+def _m_bucket(m: int) -> int:
+    return m if m <= 4 else min(next_pow2(m), 8192)
+
+
+def w4a16_matmul(x: torch.Tensor, w: W4A16Weight, config: Config | None = None) -> torch.Tensor:
+    """x [..., K] (fp16/bf16; fp32 runs its dots in tf32) -> [..., N] in x's dtype, fp32 accumulation.
+
+    `config` pins a kernel config (tests, benchmarks); by default it is chosen per shape."""
+    k, n = w.in_features, w.out_features
+    if x.shape[-1] != k:
+        raise ValueError(f"w4a16_matmul: x has {x.shape[-1]} features, the weight expects {k}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if w.x_index is not None:  # act-order: the packed column order, zero for padding columns
+        x2 = torch.nn.functional.pad(x2, (0, 1)).index_select(1, w.x_index)
+    elif x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    out = new_empty((m, n), x.dtype, x.device)
+    if m == 0:
+        return out.reshape(*lead, n)
+    if config is None:
+        key = ("w4a16", _m_bucket(m), n, w.k_padded, w.container_bits, x.dtype, w.scales_gxn.dtype)
+        cands = _candidates(m, n, w, x.device)
+        config = pick_config(key, cands, lambda c: _launch(c, x2, w, out), x.device)
+    _launch(config, x2, w, out)
+    return out.reshape(*lead, n)
