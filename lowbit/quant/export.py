@@ -14,14 +14,16 @@ from lowbit.atomic_dir import atomic_output_dir
 from lowbit.errors import LowbitError
 from lowbit.loading import awq_format, gptq_format
 from lowbit.loading.hf_writer import write_json, write_tensors
+from lowbit.quant.driver import LINEAR_NAMES
 from lowbit.quant.qweight import QuantizedWeight
 
 LAYOUT_BITS = {"awq": awq_format.BITS, "gptq": gptq_format.BITS}
 
 
-def quantization_config(fmt: str, qweights: dict[str, QuantizedWeight]) -> dict:
-    """The `quantization_config` of config.json, with the keys transformers' AwqConfig / GPTQConfig read.
-    Refuses what the layout cannot store: other bit widths, mixed settings, g_idx in awq."""
+def quantization_config(fmt: str, qweights: dict[str, QuantizedWeight], dense: list[str] | None = None) -> dict:
+    """The `quantization_config` of config.json, with the keys transformers' AwqConfig / GPTQConfig read;
+    `dense` names linears left unquantized (written as `modules_to_not_convert`). Refuses what the
+    layout cannot store: other bit widths, mixed settings, g_idx in awq."""
     if fmt not in LAYOUT_BITS:
         raise LowbitError(f"--format {fmt!r}: expected awq or gptq")
     if not qweights:
@@ -40,9 +42,10 @@ def quantization_config(fmt: str, qweights: dict[str, QuantizedWeight]) -> dict:
             raise LowbitError(f"{act_order[0]}: has an act-order g_idx, which the awq layout cannot store; "
                               f"use --format gptq")
         return {"quant_method": "awq", "bits": first.bits, "group_size": first.group_size,
-                "zero_point": not first.symmetric, "version": "gemm", "modules_to_not_convert": None}
-    return {"quant_method": "gptq", "bits": first.bits, "group_size": first.group_size, "desc_act": bool(act_order),
-            "sym": first.symmetric, "checkpoint_format": "gptq"}
+                "zero_point": not first.symmetric, "version": "gemm", "modules_to_not_convert": dense or None}
+    config = {"quant_method": "gptq", "bits": first.bits, "group_size": first.group_size, "desc_act": bool(act_order),
+              "sym": first.symmetric, "checkpoint_format": "gptq"}
+    return {**config, "modules_to_not_convert": dense} if dense else config
 
 
 def packed_tensors(name: str, qw: QuantizedWeight, fmt: str) -> dict[str, torch.Tensor]:
@@ -74,10 +77,14 @@ def save_quantized(work_dir: str | Path, net, qweights: dict[str, QuantizedWeigh
     work_dir in the awq or gptq layout; returns work_dir. extra_config is merged into
     `quantization_config` (quantize passes {"lowbit": the options it ran with})."""
     out = Path(work_dir)
-    qconfig = {**quantization_config(fmt, qweights), **(extra_config or {})}
-    missing = [n for n in qweights if f"{n}.weight" not in net.state_dict()]
+    state = net.state_dict()
+    missing = [n for n in qweights if f"{n}.weight" not in state]
     if missing:
         raise LowbitError(f"{missing[0]}: quantized, but the model has no such linear layer")
+    # decoder linears left dense: listed by full name, which the readers match as a substring
+    dense = [f"model.layers.{i}.{n}" for i in range(len(net.layers)) for n in LINEAR_NAMES
+             if f"model.layers.{i}.{n}" not in qweights]
+    qconfig = {**quantization_config(fmt, qweights, dense), **(extra_config or {})}
     cfg = net.config
     hf = cfg.to_hf()
     if cfg.family == "internlm2":  # our loader already split wqkv: write it as the Llama it now is
