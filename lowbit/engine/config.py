@@ -22,6 +22,7 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None  # tokens computed per step, over all sequences
     enable_prefix_caching: bool = True
     num_kv_blocks: int | None = None  # fixes the cache size instead of deriving it from memory
+    enforce_eager: bool = False  # no CUDA graphs for decode (they are never used on the CPU)
 
     def resolved(self, model: ModelConfig) -> "EngineConfig":
         max_len = self.max_model_len or model.max_position_embeddings

@@ -16,9 +16,11 @@ class LLM:
     def __init__(self, model: str | Path | tuple = "default", kv_bits: int = 16, max_batch_size: int = 64,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.9, block_size: int = 16,
                  max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
-                 num_kv_blocks: int | None = None, dtype: str = "auto", device: str | None = None):
+                 num_kv_blocks: int | None = None, dtype: str = "auto", device: str | None = None,
+                 enforce_eager: bool = False):
         """model: `default`, a .gguf file or an HF / quantized directory; or the (model, tokenizer,
-        checkpoint) triple that `load_model` returns, to share weights already loaded."""
+        checkpoint) triple that `load_model` returns, to share weights already loaded.
+        enforce_eager: decode without CUDA graphs (on a GPU they are captured at start-up)."""
         if isinstance(model, tuple):
             net, tokenizer, ckpt = model
         else:
@@ -27,7 +29,7 @@ class LLM:
 
             net, tokenizer, ckpt = load_model(resolve_model(str(model)), dtype, device)
         config = EngineConfig(kv_bits, max_batch_size, max_model_len, gpu_memory_utilization, block_size,
-                              max_num_batched_tokens, enable_prefix_caching, num_kv_blocks)
+                              max_num_batched_tokens, enable_prefix_caching, num_kv_blocks, enforce_eager)
         eos = tokenizer.stop_token_ids(ckpt.generation_config().get("eos_token_id"))
         self.tokenizer = tokenizer
         self.engine = LLMEngine(net, tokenizer, config, eos)

@@ -3,18 +3,24 @@ no scheduling decisions: it computes what the scheduler chose and reports the sa
 
 The batch is packed into one sequence of tokens (B=1), decode tokens first. Decode-side inputs
 have one row per sequence and fixed widths (block tables span max_model_len), so a decode-only
-step has the same tensor shapes for the same batch size: what CUDA graph capture needs.
+step has the same tensor shapes for the same batch size: on a GPU it replays a CUDA graph
+(`cuda_graphs.py`); prompt chunks always run eagerly.
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 
 from lowbit.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
+from lowbit.engine.cuda_graphs import DecodeGraphs, StepInputs
 from lowbit.engine.sampler import SamplingBatch, sample
 from lowbit.engine.scheduler import ScheduledBatch
 from lowbit.engine.sequence import Sequence
 from lowbit.errors import LowbitError
 from lowbit.layers.paged_kv_cache import PagedAttentionMetadata, PagedKVCache
+
+log = logging.getLogger(__name__)
 
 
 class ModelRunner:
@@ -33,9 +39,15 @@ class ModelRunner:
                 f"the KV cache holds {self.num_blocks} blocks of {self.block_size} tokens, less than one "
                 f"sequence of max_model_len={config.max_model_len}; lower max_model_len, raise num_kv_blocks or "
                 f"gpu_memory_utilization, or use kv_bits=8/4")
-        self.cache = PagedKVCache(cfg.num_hidden_layers, self.num_blocks, self.block_size, cfg.num_key_value_heads,
-                                  cfg.head_dim, config.kv_bits, self.dtype, self.device)
+        # one block more than the block manager hands out: the scratch block graph padding writes to
+        self.scratch_block = self.num_blocks
+        self.cache = PagedKVCache(cfg.num_hidden_layers, self.num_blocks + 1, self.block_size,
+                                  cfg.num_key_value_heads, cfg.head_dim, config.kv_bits, self.dtype, self.device)
         self.generators: dict[int, torch.Generator] = {}  # seq_id -> its seeded generator
+        self.graphs: DecodeGraphs | None = None
+        self.graph_status = "off: CPU" if self.device.type != "cuda" else "off: enforce_eager"
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self._capture_graphs()
 
     def _blocks_that_fit(self) -> int:
         cfg, config = self.model.config, self.config
@@ -43,7 +55,7 @@ class ModelRunner:
             cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, config.kv_bits, self.dtype)
         if self.device.type != "cuda":
             return max(CPU_KV_CACHE_BYTES // block_bytes, self.max_blocks_per_seq)
-        return max(0, self._cuda_kv_bytes()) // block_bytes
+        return max(0, self._cuda_kv_bytes() // block_bytes - 1)  # - 1: the scratch block
 
     @torch.inference_mode()
     def _cuda_kv_bytes(self) -> int:
@@ -61,15 +73,40 @@ class ModelRunner:
         torch.cuda.empty_cache()
         return int(total * self.config.gpu_memory_utilization) - (total - free) - activations
 
-    def _forward(self, input_ids, positions, cache, sample_rows: list[int]) -> torch.Tensor:
+    def _capture_graphs(self, graphs_cls=DecodeGraphs) -> None:
+        why_not = None
+        if not self.cache.decode_is_graph_safe:
+            why_not = "no paged decode kernel (lowbit.kernels.paged_attention), the PyTorch path has host-side shapes"
+        elif self.model.rotary.kind == "dynamic":
+            why_not = "dynamic rope scaling reads the positions on the host"
+        if why_not:
+            self.graph_status = f"off: {why_not}"
+            log.warning("CUDA graphs off (%s); decoding eagerly", why_not)
+            return
+        graphs = graphs_cls(lambda ids, pos: self._forward(ids, pos, self.cache, None), self.cache,
+                              self.config.max_batch_size, self.max_blocks_per_seq, self.scratch_block, self.device)
+        try:
+            graphs.capture()
+        except Exception as e:  # a kernel that cannot be captured: slower, still correct
+            self.graph_status = f"off: capture failed ({type(e).__name__}: {e})"
+            log.warning("CUDA graph capture failed (%s: %s); decoding eagerly", type(e).__name__, e)
+            del graphs
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+            return
+        self.graphs = graphs
+        self.graph_status = f"captured for batch sizes {graphs.sizes}"
+
+    def _forward(self, input_ids, positions, cache, sample_rows: list[int] | None) -> torch.Tensor:
         """The packed tokens [T] through the model -> fp32 logits [len(sample_rows), vocab]; the
-        output head runs only on the rows that sample (a prompt chunk needs no logits)."""
+        output head runs only on the rows that sample (a prompt chunk needs no logits); None: all."""
         model = self.model
         h = model.embed(input_ids[None])
         cos, sin = model.rope(positions[None], h.dtype)
         for layer in model.layers:
             h = layer(h, cos, sin, cache)
-        return model.head(h[0, sample_rows]).float()
+        return model.head(h[0] if sample_rows is None else h[0, sample_rows]).float()
 
     def release(self, seq: Sequence) -> None:
         self.generators.pop(seq.seq_id, None)
@@ -81,30 +118,39 @@ class ModelRunner:
             self.generators[seq.seq_id] = torch.Generator(device=self.device).manual_seed(seq.params.seed)
         return self.generators[seq.seq_id]
 
-    def prepare(self, seqs: list[Sequence], num_new: list[int]):
-        """-> input_ids [T], positions [T], metadata, and the rows (into the packed tokens) of each
-        sequence's last token where that token completes the sequence, so a new token is sampled."""
+    def prepare(self, seqs: list[Sequence], num_new: list[int]) -> StepInputs:
+        """The step's inputs on the host, and the rows (into the packed tokens) of each sequence's
+        last token where that token completes the sequence, so a new token is sampled."""
         bs = self.block_size
-        ids, positions, slots, sample_rows = [], [], [], []
-        tables = torch.zeros(len(seqs), self.max_blocks_per_seq, dtype=torch.int32)
-        for i, (seq, n) in enumerate(zip(seqs, num_new)):
+        ids, positions, slots, sample_rows, tables = [], [], [], [], []
+        width = self.max_blocks_per_seq
+        for seq, n in zip(seqs, num_new):
             start = seq.num_computed_tokens
             ids += seq.token_ids[start:start + n]
             positions += range(start, start + n)
-            slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n)]
-            tables[i, :len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
+            table = seq.block_table
+            slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
+            tables.append(table + [0] * (width - len(table)))
             if start + n == seq.num_tokens:
                 sample_rows.append(len(ids) - 1)
         context = [s.num_computed_tokens + n for s, n in zip(seqs, num_new)]
+        return StepInputs(ids, positions, slots, torch.tensor(tables, dtype=torch.int32).view(len(seqs), width),
+                          context, list(num_new), sample_rows)
 
+    def metadata(self, step: StepInputs) -> PagedAttentionMetadata:
         def dev(x, dtype=torch.int64):
             return torch.as_tensor(x, dtype=dtype).to(self.device, non_blocking=True)
 
-        meta = PagedAttentionMetadata(
-            slot_mapping=dev(slots), block_tables=dev(tables, torch.int32), context_lens=dev(context, torch.int32),
-            num_decode=sum(1 for n in num_new if n == 1),  # they come first
-            query_lens=list(num_new), context_lens_host=context)
-        return dev(ids), dev(positions), meta, sample_rows
+        num_decode = sum(1 for n in step.query_lens if n == 1)  # they come first
+        prefill_lens = step.query_lens[num_decode:]
+        cu = [0]
+        for n in prefill_lens:
+            cu.append(cu[-1] + n)
+        return PagedAttentionMetadata(
+            slot_mapping=dev(step.slot_mapping), block_tables=dev(step.block_tables, torch.int32),
+            context_lens=dev(step.context_lens, torch.int32), num_decode=num_decode, query_lens=step.query_lens,
+            context_lens_host=step.context_lens,
+            prefill_cu_seqlens_q=dev(cu, torch.int32) if prefill_lens and self.cache.kernels.prefill else None)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[int | None], list]:
@@ -114,16 +160,29 @@ class ModelRunner:
         order = sorted(range(len(batch)), key=lambda i: batch.num_new_tokens[i] != 1)
         seqs = [batch.seqs[i] for i in order]
         num_new = [batch.num_new_tokens[i] for i in order]
-        input_ids, positions, meta, sample_rows = self.prepare(seqs, num_new)
-        self.cache.set_metadata(meta)
-        logits = self._forward(input_ids, positions, self.cache, sample_rows)
+        step = self.prepare(seqs, num_new)
+        rows = step.sample_rows
+        greedy = None
+        if self.graphs is not None and len(seqs) <= self.graphs.max_size and all(n == 1 for n in num_new):
+            logits, greedy = self.graphs.run(step)
+            if len(rows) < len(seqs):
+                logits, greedy = logits[rows], greedy[rows]
+        else:
+            self.cache.set_metadata(self.metadata(step))
+            logits = self._forward(torch.tensor(step.input_ids).to(self.device, non_blocking=True),
+                                   torch.tensor(step.positions).to(self.device, non_blocking=True), self.cache, rows)
         sampling = [s for s, n in zip(seqs, num_new) if s.num_computed_tokens + n == s.num_tokens]
         tokens, logprobs = [None] * len(batch), [None] * len(batch)
-        if sampling:
+        if not sampling:
+            return tokens, logprobs
+        if all(s.params.greedy and not s.params.has_penalties and s.params.logprobs is None for s in sampling):
+            # the sampler's greedy rows, without building its batch: the common decode step
+            new, lps = (greedy if greedy is not None else logits.argmax(-1)), None
+        else:
             sb = SamplingBatch.build(sampling, [self._generator(s) for s in sampling], self.vocab_size, self.device)
             new, lps = sample(logits, sb)
-            by_seq = dict(zip((s.seq_id for s in sampling), zip(new.tolist(), lps or [None] * len(sampling))))
-            for i, seq in enumerate(batch.seqs):
-                if seq.seq_id in by_seq:
-                    tokens[i], logprobs[i] = by_seq[seq.seq_id]
+        by_seq = dict(zip((s.seq_id for s in sampling), zip(new.tolist(), lps or [None] * len(sampling))))
+        for i, seq in enumerate(batch.seqs):
+            if seq.seq_id in by_seq:
+                tokens[i], logprobs[i] = by_seq[seq.seq_id]
         return tokens, logprobs

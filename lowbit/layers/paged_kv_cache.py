@@ -7,14 +7,29 @@ which attend to their whole context through the paged decode kernel; then prompt
 attend causally to their earlier pages and to themselves. Both read the keys and values back
 from the pages after writing them, so a chunk sees exactly what a later decode will see, also
 with int8/int4 KV.
+
+With kv_bits 8 or 4 the pages hold codes and a (scale, zero) pair per token and head, in the
+format of `lowbit/kernels/kv_quant.py`: quantized on write, dequantized on read. On CUDA the
+Triton kernels of `lowbit/kernels/{paged,prefill}_attention.py` do the writing and attending
+when they are there; anything missing falls back to the PyTorch path below.
 """
 from __future__ import annotations
 
+import importlib
+import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+from torch.nn import functional as F
 
+from lowbit.errors import LowbitError
+from lowbit.kernels.kv_quant import dequantize_kv_ref, packed_head_dim, quantize_kv_ref
 from lowbit.layers.attention import gqa_attention
+
+log = logging.getLogger(__name__)
+
+SCALE_ZERO_BYTES = 2 * 2  # fp16 (scale, zero) per token and KV head, beside the codes
 
 
 @dataclass
@@ -24,56 +39,178 @@ class PagedAttentionMetadata:
     context_lens: torch.Tensor  # [S] int32: tokens in the cache once this step's are written
     num_decode: int  # the first num_decode sequences (and tokens) decode one token each
     query_lens: list[int]  # [S] new tokens per sequence, host side, for the prefill loop
-    context_lens_host: list[int]  # [S] the same as context_lens, host side
+    context_lens_host: list[int] | None  # [S] the same as context_lens, host side; None in a CUDA graph
+    # [S - num_decode + 1] int32, on the device: where each prompt chunk's queries start among
+    # the prefill tokens (what the prefill kernel takes); None where no kernel needs it
+    prefill_cu_seqlens_q: torch.Tensor | None = None
+
+
+@dataclass
+class AttentionKernels:
+    """The Triton kernels found, each None where its module or function is missing."""
+
+    write_kv: Callable | None = None
+    decode: Callable | None = None
+    prefill: Callable | None = None
+
+
+def load_attention_kernels() -> AttentionKernels:
+    """Imports the CUDA kernels lazily; a missing or broken module leaves the PyTorch path."""
+
+    def find(module: str, name: str):
+        try:
+            return getattr(importlib.import_module(f"lowbit.kernels.{module}"), name, None)
+        except Exception as e:  # ImportError, or a kernel module that fails to import
+            log.info("lowbit.kernels.%s unavailable (%s); PyTorch attention path used", module, e)
+            return None
+
+    return AttentionKernels(
+        write_kv=find("paged_attention", "write_kv") or find("prefill_attention", "write_kv"),
+        decode=find("paged_attention", "paged_decode_attention"),
+        prefill=find("prefill_attention", "paged_prefill_attention"))
 
 
 class PagedKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
-                 kv_bits: int, dtype: torch.dtype, device: torch.device | str):
+                 kv_bits: int, dtype: torch.dtype, device: torch.device | str, use_kernels: bool | None = None):
+        """use_kernels: None uses the Triton kernels on CUDA (where present) and PyTorch elsewhere."""
+        if kv_bits not in (16, 8, 4):
+            raise LowbitError(f"kv_bits={kv_bits}: expected 16, 8 or 4")
+        if kv_bits == 4 and head_dim % 2:
+            raise LowbitError(f"kv_bits=4 packs two dims per byte; head_dim {head_dim} is odd, use kv_bits=8")
+        device = torch.device(device)
         self.num_blocks, self.block_size = num_blocks, block_size
         self.kv_heads, self.head_dim, self.kv_bits = kv_heads, head_dim, kv_bits
-        shape = (num_blocks, block_size, kv_heads, head_dim)  # [num_blocks, block_size, kv_heads, head_dim]
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.dtype = dtype
+        quantized = kv_bits != 16
+        width = packed_head_dim(head_dim, kv_bits) if quantized else head_dim
+        shape = (num_blocks, block_size, kv_heads, width)  # [num_blocks, block_size, kv_heads, head_dim or packed]
+        code_dtype = torch.uint8 if quantized else dtype
+
+        def pages(shape_, dtype_):
+            return [torch.zeros(shape_, dtype=dtype_, device=device) for _ in range(num_layers)]
+
+        self.k, self.v = pages(shape, code_dtype), pages(shape, code_dtype)
+        # [num_blocks, block_size, kv_heads, 2] fp16 (scale, zero) per token and head
+        sz_shape = (num_blocks, block_size, kv_heads, 2)
+        self.k_scale_zero = pages(sz_shape, torch.float16) if quantized else None
+        self.v_scale_zero = pages(sz_shape, torch.float16) if quantized else None
+        if use_kernels is None:
+            use_kernels = device.type == "cuda"
+        self.kernels = load_attention_kernels() if use_kernels else AttentionKernels()
         self.meta: PagedAttentionMetadata | None = None
 
     @staticmethod
     def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, kv_bits: int, dtype: torch.dtype) -> int:
-        return 2 * num_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+        """K and V of one token over all layers, as stored: codes plus their scale/zero for int8/int4."""
+        if kv_bits == 16:
+            per_head = head_dim * torch.finfo(dtype).bits // 8
+        else:
+            per_head = packed_head_dim(head_dim, kv_bits) + SCALE_ZERO_BYTES
+        return 2 * num_layers * kv_heads * per_head
+
+    @property
+    def num_bytes(self) -> int:
+        tensors = self.k + self.v + (self.k_scale_zero or []) + (self.v_scale_zero or [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @property
+    def decode_is_graph_safe(self) -> bool:
+        """The decode path has fixed shapes per batch size (no host-side lengths): the kernel's."""
+        return self.kernels.decode is not None
 
     def set_metadata(self, meta: PagedAttentionMetadata) -> None:
         self.meta = meta
 
+    def _scale_zero(self, layer: int) -> dict:
+        if self.kv_bits == 16:
+            return {}
+        return {"k_scale_zero": self.k_scale_zero[layer], "v_scale_zero": self.v_scale_zero[layer]}
+
+    # -- writing -----------------------------------------------------------------------------
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v [T, kv_heads, head_dim] into the slots of the step's tokens."""
         slots = self.meta.slot_mapping
-        self.k[layer].view(-1, self.kv_heads, self.head_dim).index_copy_(0, slots, k.to(self.k[layer].dtype))
-        self.v[layer].view(-1, self.kv_heads, self.head_dim).index_copy_(0, slots, v.to(self.v[layer].dtype))
+        if self.kernels.write_kv is not None:
+            self.kernels.write_kv(k, v, self.k[layer], self.v[layer], slots, kv_bits=self.kv_bits,
+                                  **self._scale_zero(layer))
+            return
+        if self.kv_bits == 16:
+            self._flat(self.k[layer]).index_copy_(0, slots, k.to(self.dtype))
+            self._flat(self.v[layer]).index_copy_(0, slots, v.to(self.dtype))
+            return
+        for x, codes, sz in ((k, self.k[layer], self.k_scale_zero[layer]), (v, self.v[layer], self.v_scale_zero[layer])):
+            q, s = quantize_kv_ref(x, self.kv_bits)
+            self._flat(codes).index_copy_(0, slots, q)
+            self._flat(sz).index_copy_(0, slots, s)
 
-    def gather(self, layer: int, block_table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _flat(self, pages: torch.Tensor) -> torch.Tensor:
+        return pages.view(-1, *pages.shape[2:])  # [num_blocks * block_size, kv_heads, ...]
+
+    # -- reading (PyTorch path) --------------------------------------------------------------
+    def _read(self, layer: int, blocks: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """blocks int64 [..., nb] -> keys and values [..., nb * block_size, kv_heads, head_dim] in dtype."""
+        lead = blocks.shape
+
+        def pages(codes, sz):
+            x = codes[blocks]  # [..., nb, block_size, kv_heads, width]
+            if self.kv_bits != 16:
+                x = dequantize_kv_ref(x, sz[blocks], self.kv_bits, dtype)
+            return x.reshape(*lead[:-1], lead[-1] * self.block_size, self.kv_heads, self.head_dim).to(dtype)
+
+        ksz = self.k_scale_zero[layer] if self.kv_bits != 16 else None
+        vsz = self.v_scale_zero[layer] if self.kv_bits != 16 else None
+        return pages(self.k[layer], ksz), pages(self.v[layer], vsz)
+
+    def gather(self, layer: int, block_table: torch.Tensor, length: int,
+               dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One sequence's first `length` keys and values -> [kv_heads, length, head_dim] each."""
         nb = -(-length // self.block_size)
-        blocks = block_table[:nb].long()
-
-        def pages(cache):
-            return cache[blocks].reshape(nb * self.block_size, self.kv_heads, self.head_dim)[:length].transpose(0, 1)
-
-        return pages(self.k[layer]), pages(self.v[layer])
+        k, v = self._read(layer, block_table[:nb].long(), dtype or self.dtype)
+        return k[:length].transpose(0, 1), v[:length].transpose(0, 1)
 
     def decode_attention(self, layer: int, q: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
-        """q [S, H, D], one query per sequence at its last position -> [S, H, D]."""
+        """q [S, H, D], one query per sequence at its last position -> [S, H, D]. The PyTorch path
+        reads all S contexts at once, padded to the longest and masked by each context length."""
         m = self.meta
         s = q.shape[0]
-        out = torch.empty_like(q)
-        for i in range(s):
-            out[i] = self._attend(layer, q[i:i + 1], i, sliding_window)[:, 0]
-        return out
+        if self.kernels.decode is not None:
+            return self.kernels.decode(q, self.k[layer], self.v[layer], m.block_tables[:s], m.context_lens[:s],
+                                       kv_bits=self.kv_bits, sliding_window=sliding_window, **self._scale_zero(layer))
+        nb = -(-max(m.context_lens_host[:s]) // self.block_size)
+        k, v = self._read(layer, m.block_tables[:s, :nb].long(), q.dtype)  # [S, L, KVH, D]
+        ctx = m.context_lens[:s].long()[:, None]
+        pos = torch.arange(k.shape[1], device=q.device)[None, :]
+        mask = pos < ctx  # [S, L]: the query sits at position ctx - 1
+        if sliding_window is not None:
+            mask &= pos >= ctx - sliding_window
+        groups = q.shape[1] // self.kv_heads
+        k = k.transpose(1, 2).repeat_interleave(groups, dim=1)  # [S, H, L, D]
+        v = v.transpose(1, 2).repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask[:, None, None, :])
+        return out[:, :, 0]
 
     def _attend(self, layer: int, q: torch.Tensor, i: int, sliding_window: int | None) -> torch.Tensor:
         """q [n, H, D], the last n positions of sequence i -> [H, n, D]."""
         m = self.meta
-        k, v = self.gather(layer, m.block_tables[i], m.context_lens_host[i])
-        return gqa_attention(q.transpose(0, 1)[None], k[None].to(q.dtype), v[None].to(q.dtype), sliding_window)[0]
+        k, v = self.gather(layer, m.block_tables[i], m.context_lens_host[i], q.dtype)
+        return gqa_attention(q.transpose(0, 1)[None], k[None], v[None], sliding_window)[0]
+
+    def prefill_attention(self, layer: int, q: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
+        """q [T, H, D]: the prompt chunks after the decodes, each its sequence's last positions -> [T, H, D]."""
+        m = self.meta
+        nd = m.num_decode
+        if self.kernels.prefill is not None and m.prefill_cu_seqlens_q is not None:
+            return self.kernels.prefill(q, self.k[layer], self.v[layer], m.block_tables[nd:], m.prefill_cu_seqlens_q,
+                                        m.context_lens[nd:], kv_bits=self.kv_bits, sliding_window=sliding_window,
+                                        **self._scale_zero(layer))
+        out = torch.empty_like(q)
+        start = 0
+        for i in range(nd, len(m.query_lens)):
+            n = m.query_lens[i]
+            out[start:start + n] = self._attend(layer, q[start:start + n], i, sliding_window).transpose(0, 1)
+            start += n
+        return out
 
     def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   sliding_window: int | None = None) -> torch.Tensor:
@@ -81,15 +218,14 @@ class PagedKVCache:
         m = self.meta
         q = q[0].transpose(0, 1)  # [T, H, D]
         self.write(layer, k[0].transpose(0, 1), v[0].transpose(0, 1))
-        out = torch.empty_like(q)
         nd = m.num_decode
-        if nd:
-            out[:nd] = self.decode_attention(layer, q[:nd], sliding_window)
-        start = nd
-        for i in range(nd, len(m.query_lens)):
-            n = m.query_lens[i]
-            out[start:start + n] = self._attend(layer, q[start:start + n], i, sliding_window).transpose(0, 1)
-            start += n
+        if nd == len(m.query_lens):  # decode only: no copy, and fixed shapes for CUDA graphs
+            out = self.decode_attention(layer, q, sliding_window)
+        elif nd == 0:
+            out = self.prefill_attention(layer, q, sliding_window)
+        else:
+            out = torch.cat([self.decode_attention(layer, q[:nd], sliding_window),
+                             self.prefill_attention(layer, q[nd:], sliding_window)])
         return out.transpose(0, 1)[None]
 
     def advance(self, t: int) -> None:

@@ -1,0 +1,195 @@
+"""The CUDA path of the engine, run on the CPU: the Triton kernels' interfaces filled by plain
+PyTorch stand-ins that check what they are given, and decode "graphs" that replay by recomputing
+on the static buffers, so the padding, the scratch block and the buffer refills are exercised
+exactly as on the GPU. Only the capture itself (torch.cuda.CUDAGraph) needs a device.
+
+Runs on an fp64 copy of the default model, so that the stand-ins' different summation order
+cannot move an int8 KV code (see test_engine_kv_quant.py).
+"""
+import copy
+
+import pytest
+import torch
+
+from lowbit.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
+from lowbit.engine.llm import LLM
+from lowbit.engine.sampling_params import SamplingParams
+from lowbit.kernels.kv_quant import dequantize_kv_ref, quantize_kv_ref
+from lowbit.layers.attention import gqa_attention
+from lowbit.layers.paged_kv_cache import AttentionKernels
+
+PROMPTS = [
+    "Once upon a time, in a land far away, there lived a young girl who loved to read books about",
+    "1, 2, 3, 4,",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+]
+MAX_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def smol64(smol):
+    model, tok, ckpt = smol
+    return copy.deepcopy(model).double(), tok, ckpt
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(smol):
+    return [smol[1].encode(p) for p in PROMPTS]
+
+
+# -- stand-ins with the kernels' exact signatures -------------------------------------------------
+CALLS: dict[str, int] = {}
+
+
+def _check_cache(k_cache, kv_bits, k_scale_zero):
+    assert k_cache.dim() == 4  # [num_blocks, block_size, kv_heads, head_dim or head_dim // 2]
+    if kv_bits == 16:
+        assert k_scale_zero is None
+    else:
+        assert k_cache.dtype == torch.uint8 and k_scale_zero.dtype == torch.float16
+        assert k_scale_zero.shape == (*k_cache.shape[:3], 2)
+
+
+def write_kv(k, v, k_cache, v_cache, slot_mapping, kv_bits=16, k_scale_zero=None, v_scale_zero=None):
+    CALLS["write_kv"] = CALLS.get("write_kv", 0) + 1
+    assert k.dim() == 3 and slot_mapping.dtype == torch.int64 and slot_mapping.shape == (k.shape[0],)
+    _check_cache(k_cache, kv_bits, k_scale_zero)
+    for x, cache, sz in ((k, k_cache, k_scale_zero), (v, v_cache, v_scale_zero)):
+        flat = cache.view(-1, *cache.shape[2:])
+        if kv_bits == 16:
+            flat.index_copy_(0, slot_mapping, x.to(cache.dtype))
+        else:
+            codes, s = quantize_kv_ref(x, kv_bits)
+            flat.index_copy_(0, slot_mapping, codes)
+            sz.view(-1, *sz.shape[2:]).index_copy_(0, slot_mapping, s)
+
+
+def _context(cache, sz, table, length, kv_bits, dtype):
+    """One sequence's first `length` tokens -> [kv_heads, length, head_dim]."""
+    bs = cache.shape[1]
+    blocks = table[:-(-length // bs)].long()
+    x = cache[blocks]
+    if kv_bits != 16:
+        x = dequantize_kv_ref(x, sz[blocks], kv_bits, dtype)
+    return x.flatten(0, 1)[:length].transpose(0, 1).to(dtype)
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, kv_bits=16, k_scale_zero=None,
+                           v_scale_zero=None, sm_scale=None, sliding_window=None):
+    CALLS["decode"] = CALLS.get("decode", 0) + 1
+    s = q.shape[0]
+    assert q.dim() == 3 and block_tables.dtype == torch.int32 and context_lens.dtype == torch.int32
+    assert block_tables.shape[0] == s and context_lens.shape == (s,)
+    _check_cache(k_cache, kv_bits, k_scale_zero)
+    out = torch.empty_like(q)
+    for i in range(s):  # reads lengths from the device tensor, as a kernel does
+        n = int(context_lens[i])
+        k = _context(k_cache, k_scale_zero, block_tables[i], n, kv_bits, q.dtype)
+        v = _context(v_cache, v_scale_zero, block_tables[i], n, kv_bits, q.dtype)
+        out[i] = gqa_attention(q[i][None, :, None], k[None], v[None], sliding_window)[0, :, 0]
+    return out
+
+
+def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, *, kv_bits=16,
+                            k_scale_zero=None, v_scale_zero=None, sm_scale=None, sliding_window=None):
+    CALLS["prefill"] = CALLS.get("prefill", 0) + 1
+    s = context_lens.shape[0]
+    assert cu_seqlens_q.dtype == torch.int32 and cu_seqlens_q.shape == (s + 1,) and int(cu_seqlens_q[-1]) == q.shape[0]
+    _check_cache(k_cache, kv_bits, k_scale_zero)
+    out = torch.empty_like(q)
+    for i in range(s):
+        a, b, n = int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1]), int(context_lens[i])
+        k = _context(k_cache, k_scale_zero, block_tables[i], n, kv_bits, q.dtype)
+        v = _context(v_cache, v_scale_zero, block_tables[i], n, kv_bits, q.dtype)
+        out[a:b] = gqa_attention(q[a:b].transpose(0, 1)[None], k[None], v[None], sliding_window)[0].transpose(0, 1)
+    return out
+
+
+STAND_INS = AttentionKernels(write_kv=write_kv, decode=paged_decode_attention, prefill=paged_prefill_attention)
+
+
+class ReplayByRecompute(DecodeGraphs):
+    """A "graph" that replays by running the step again on the static buffers, as captured."""
+
+    replays: dict[int, int] = {}
+
+    def _capture(self, b):
+        meta = self.cache.meta
+
+        def replay():
+            ReplayByRecompute.replays[b] = ReplayByRecompute.replays.get(b, 0) + 1
+            self.cache.set_metadata(meta)
+            logits = self.forward(self.input_ids[:b], self.positions[:b])
+            return logits, logits.argmax(-1)
+
+        return replay
+
+
+def _llm(triple, kernels=None, graphs=False, **kw):
+    kw = {"max_model_len": 64, "num_kv_blocks": 64, "max_batch_size": 8, **kw}
+    llm = LLM(triple, **kw)
+    runner = llm.engine.runner
+    if kernels is not None:
+        runner.cache.kernels = kernels
+    if graphs:
+        runner._capture_graphs(ReplayByRecompute)
+        assert runner.graphs is not None, runner.graph_status
+    return llm
+
+
+def _greedy(llm, prompts):
+    return [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS))]
+
+
+def test_graph_batch_sizes():
+    assert graph_batch_sizes(64) == [1, 2, 4, 8, 16, 32, 64]
+    assert graph_batch_sizes(48) == [1, 2, 4, 8, 16, 32, 48]
+    assert graph_batch_sizes(1) == [1]
+
+
+@pytest.mark.parametrize("kv_bits", [16, 8])
+def test_kernel_path_and_padded_graph_replay_equal_the_pytorch_path(smol64, prompt_ids, kv_bits):
+    expected = _greedy(_llm(smol64, kv_bits=kv_bits), prompt_ids)
+    CALLS.clear()
+    assert _greedy(_llm(smol64, STAND_INS, kv_bits=kv_bits), prompt_ids) == expected
+    assert CALLS["write_kv"] and CALLS["decode"] and CALLS["prefill"]
+
+    ReplayByRecompute.replays.clear()
+    llm = _llm(smol64, STAND_INS, graphs=True, kv_bits=kv_bits, max_batch_size=4)
+    assert llm.engine.runner.graphs.sizes == [1, 2, 4]
+    assert _greedy(llm, prompt_ids) == expected
+    assert ReplayByRecompute.replays.get(4)  # three sequences ran in the graph of four, padded
+    assert _greedy(llm, prompt_ids[:1]) == expected[:1] and ReplayByRecompute.replays.get(1)
+
+
+def test_graph_replay_with_preemption_and_the_scratch_block(smol64, prompt_ids):
+    expected = _greedy(_llm(smol64), prompt_ids)
+    llm = _llm(smol64, STAND_INS, graphs=True, block_size=4, num_kv_blocks=16, max_batch_size=4)
+    runner = llm.engine.runner
+    # the padding rows' block is the cache's last, which the block manager never hands out
+    assert runner.cache.num_blocks == llm.engine.block_manager.num_blocks + 1 == runner.scratch_block + 1
+    ReplayByRecompute.replays.clear()
+    assert _greedy(llm, prompt_ids) == expected
+    assert llm.engine.scheduler.num_preemptions > 0 and sum(ReplayByRecompute.replays.values()) > 0
+    assert runner.cache.k[0][runner.scratch_block].abs().sum() > 0  # padding rows wrote there, not elsewhere
+
+
+def test_graphs_stay_off_without_a_decode_kernel_and_on_the_cpu(smol):
+    llm = LLM(smol, max_model_len=64, num_kv_blocks=16)
+    assert llm.engine.runner.graphs is None and llm.engine.runner.graph_status == "off: CPU"
+    llm.engine.runner._capture_graphs(ReplayByRecompute)  # the PyTorch decode reads host-side lengths
+    assert llm.engine.runner.graphs is None and "no paged decode kernel" in llm.engine.runner.graph_status
+
+
+def test_a_failed_capture_falls_back_to_eager(smol, caplog):
+    class Broken(DecodeGraphs):
+        def _capture(self, b):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    llm = LLM(smol, max_model_len=64, num_kv_blocks=16)
+    llm.engine.runner.cache.kernels = AttentionKernels(decode=paged_decode_attention)
+    with caplog.at_level("WARNING"):
+        llm.engine.runner._capture_graphs(Broken)
+    assert llm.engine.runner.graphs is None and "capture failed" in llm.engine.runner.graph_status
+    assert "decoding eagerly" in caplog.text
+    assert llm.generate([1, 2, 3], SamplingParams(max_tokens=2))[0].finish_reason == "length"
