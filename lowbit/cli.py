@@ -183,6 +183,100 @@ def info(model: str = typer.Argument(..., help=MODEL_HELP),
     typer.echo(json.dumps(facts.to_dict(), indent=1) if as_json else format_info(facts))
 
 
+# -- lowbit bench --------------------------------------------------------------------------------
+bench_app = typer.Typer(no_args_is_help=True, help="Measure speed and memory (JSON + PNG into --out).")
+app.add_typer(bench_app, name="bench")
+_DUMMY = typer.Option(False, "--dummy-weights", help="random weights of --arch's shapes, made on the device")
+_ARCH = typer.Option(None, "--arch", help="with --dummy-weights: tiny | llama2-7b | llama3-8b | llama2-70b")
+_GROUP = typer.Option(128, "--group-size", help="W4A16 group size (dummy weights)")
+_GPU_UTIL = typer.Option(0.9, "--gpu-memory-utilization", min=0.01, max=1.0)
+_DTYPE = typer.Option("auto", help="auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16")
+_DEVICE = typer.Option(None, help="cpu | cuda (default: cuda if present)")
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise LowbitError(f"{what} {text!r}: expected comma-separated integers, e.g. 1,16,64") from None
+
+
+def _spec(model, dummy, arch, w_bits, group_size, dtype, device):
+    from lowbit.bench.common import ModelSpec
+
+    return ModelSpec(model, dummy, arch, w_bits, group_size, dtype, device)
+
+
+@bench_app.command("generate")
+def bench_generate(model: str = typer.Argument("default", help=MODEL_HELP), dummy_weights: bool = _DUMMY,
+                   arch: Optional[str] = _ARCH,
+                   w_bits: int = typer.Option(16, "--w-bits", help="dummy weights: 16 (fp16) | 4 (AWQ W4A16)"),
+                   group_size: int = _GROUP,
+                   concurrency: str = typer.Option("1,16,64", help="concurrent requests, comma-separated"),
+                   input_len: int = typer.Option(1, "--input-len", min=1),
+                   output_len: int = typer.Option(512, "--output-len", min=1),
+                   kv_bits: str = typer.Option("16", "--kv-bits", help="16 | 8 | 4, or several: 16,8"),
+                   max_model_len: Optional[int] = typer.Option(None, "--max-model-len", min=1),
+                   gpu_memory_utilization: float = _GPU_UTIL,
+                   enforce_eager: bool = typer.Option(False, "--enforce-eager", help="no CUDA graphs"),
+                   seed: int = typer.Option(0), dtype: str = _DTYPE, device: Optional[str] = _DEVICE,
+                   out: Path = typer.Option(Path("bench-results"), "--out", help="directory for generate.json/.png")):
+    """First-token and per-token latency (p50/p90/p99), output tokens/s and peak memory per concurrency."""
+    from lowbit.bench.generate import GenerateOptions, run_generate
+
+    opts = GenerateOptions(_ints(concurrency, "--concurrency"), input_len, output_len, _ints(kv_bits, "--kv-bits"),
+                           max_model_len, gpu_memory_utilization, enforce_eager, seed=seed)
+    rec = run_generate(_spec(model, dummy_weights, arch, w_bits, group_size, dtype, device), opts, out,
+                       log=lambda line: typer.echo(line, err=True))
+    typer.echo(f"wrote {rec['json']} and {rec['png']}")
+
+
+@bench_app.command("throughput")
+def bench_throughput(model: str = typer.Argument("default", help=MODEL_HELP), dummy_weights: bool = _DUMMY,
+                     arch: Optional[str] = _ARCH, w_bits: int = typer.Option(16, "--w-bits"),
+                     group_size: int = _GROUP,
+                     dataset: str = typer.Option("sharegpt", help="conversational set in shared/data; else synthetic"),
+                     num_prompts: int = typer.Option(1000, "--num-prompts", min=1),
+                     input_len: int = typer.Option(512, "--input-len", min=1, help="synthetic: mean prompt length"),
+                     output_len: int = typer.Option(128, "--output-len", min=1, help="synthetic: mean output length"),
+                     range_ratio: float = typer.Option(0.5, "--range-ratio", help="synthetic: lengths vary by +-this"),
+                     kv_bits: int = typer.Option(16, "--kv-bits"),
+                     max_batch_size: int = typer.Option(64, "--max-batch-size", min=1),
+                     max_model_len: Optional[int] = typer.Option(None, "--max-model-len", min=1),
+                     gpu_memory_utilization: float = _GPU_UTIL,
+                     enforce_eager: bool = typer.Option(False, "--enforce-eager"),
+                     seed: int = typer.Option(0), dtype: str = _DTYPE, device: Optional[str] = _DEVICE,
+                     out: Path = typer.Option(Path("bench-results"), "--out")):
+    """Offline throughput: all requests at once; requests/s and tokens/s."""
+    from lowbit.bench.throughput import ThroughputOptions, run_throughput
+
+    opts = ThroughputOptions(dataset, num_prompts, input_len, output_len, range_ratio, kv_bits, max_batch_size,
+                             max_model_len, gpu_memory_utilization, enforce_eager, seed)
+    rec = run_throughput(_spec(model, dummy_weights, arch, w_bits, group_size, dtype, device), opts, out,
+                         log=lambda line: typer.echo(line, err=True))
+    typer.echo(f"wrote {rec['json']} and {rec['png']}")
+
+
+@bench_app.command("memory")
+def bench_memory(model: str = typer.Argument("default", help=MODEL_HELP), dummy_weights: bool = _DUMMY,
+                 arch: Optional[str] = _ARCH,
+                 w_bits: str = typer.Option("16,4", "--w-bits", help="dummy weights: 16 and/or 4"),
+                 group_size: int = _GROUP, kv_bits: str = typer.Option("16,8,4", "--kv-bits"),
+                 max_model_len: Optional[int] = typer.Option(None, "--max-model-len", min=1),
+                 gpu_memory_utilization: float = _GPU_UTIL,
+                 hf: bool = typer.Option(True, "--hf/--no-hf", help="also measure transformers' fp16 model"),
+                 dtype: str = typer.Option("fp16", help="weights and 16-bit KV dtype: fp16 | bf16 | fp32"),
+                 device: Optional[str] = _DEVICE, out: Path = typer.Option(Path("bench-results"), "--out")):
+    """Weights, KV bytes per token and per 2048/4096-token sequence, tokens the cache holds, peak at load."""
+    from lowbit.bench.memory import MemoryOptions, run_memory
+
+    opts = MemoryOptions(_ints(w_bits, "--w-bits"), _ints(kv_bits, "--kv-bits"), max_model_len=max_model_len,
+                         gpu_memory_utilization=gpu_memory_utilization, hf=hf)
+    rec = run_memory(_spec(model, dummy_weights, arch, 16, group_size, dtype, device), opts, out,
+                     log=lambda line: typer.echo(line, err=True))
+    typer.echo(f"wrote {rec['json']} and {rec['png']}")
+
+
 def main() -> None:
     debug = "--debug" in sys.argv
     try:
