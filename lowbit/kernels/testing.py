@@ -14,7 +14,7 @@ import sys
 import torch
 
 # dependency order: a module is reloaded after the modules whose kernels it calls
-_KERNEL_MODULES = ("w4a16", "kv_write", "paged_attention", "prefill_attention", "rmsnorm", "rotary",
+_KERNEL_MODULES = ("w4a16", "kv_tile", "kv_write", "paged_attention", "prefill_attention", "rmsnorm", "rotary",
                    "activation")
 
 
@@ -26,11 +26,30 @@ def device_for_tests() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda")
     os.environ["TRITON_INTERPRET"] = "1"
+    _interpret_triton_stdlib()
     for name in _KERNEL_MODULES:
         mod = sys.modules.get(f"lowbit.kernels.{name}")
         if mod is not None and getattr(mod, "_TRITON_INTERPRET", True) is False:
             importlib.reload(mod)
     return torch.device("cpu")
+
+
+def _interpret_triton_stdlib() -> None:
+    """Triton's own @jit library (tl.max, tl.sum, tl.cdiv, ...) is decorated when triton is first
+    imported; if something imported triton before the interpreter was switched on, redo it."""
+    std = sys.modules.get("triton.language.standard")
+    if std is None:
+        return  # triton not imported yet: it will read TRITON_INTERPRET itself
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if isinstance(std.max, InterpretedFunction):
+        return
+    import triton.language as tl
+
+    std = importlib.reload(std)  # re-runs the decorators, which also re-attach tensor methods
+    for name, value in vars(std).items():
+        if isinstance(value, InterpretedFunction) and hasattr(tl, name):
+            setattr(tl, name, value)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
