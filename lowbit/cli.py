@@ -201,6 +201,10 @@ def _ints(text: str, what: str) -> list[int]:
         raise LowbitError(f"{what} {text!r}: expected comma-separated integers, e.g. 1,16,64") from None
 
 
+def _wrote(rec: dict) -> None:
+    typer.echo(f"wrote {rec['json']}" + (f" and {rec['png']}" if rec.get("png") else ""))
+
+
 def _spec(model, dummy, arch, w_bits, group_size, dtype, device):
     from lowbit.bench.common import ModelSpec
 
@@ -228,7 +232,7 @@ def bench_generate(model: str = typer.Argument("default", help=MODEL_HELP), dumm
                            max_model_len, gpu_memory_utilization, enforce_eager, seed=seed)
     rec = run_generate(_spec(model, dummy_weights, arch, w_bits, group_size, dtype, device), opts, out,
                        log=lambda line: typer.echo(line, err=True))
-    typer.echo(f"wrote {rec['json']} and {rec['png']}")
+    _wrote(rec)
 
 
 @bench_app.command("throughput")
@@ -254,7 +258,7 @@ def bench_throughput(model: str = typer.Argument("default", help=MODEL_HELP), du
                              max_model_len, gpu_memory_utilization, enforce_eager, seed)
     rec = run_throughput(_spec(model, dummy_weights, arch, w_bits, group_size, dtype, device), opts, out,
                          log=lambda line: typer.echo(line, err=True))
-    typer.echo(f"wrote {rec['json']} and {rec['png']}")
+    _wrote(rec)
 
 
 @bench_app.command("memory")
@@ -274,7 +278,7 @@ def bench_memory(model: str = typer.Argument("default", help=MODEL_HELP), dummy_
                          gpu_memory_utilization=gpu_memory_utilization, hf=hf)
     rec = run_memory(_spec(model, dummy_weights, arch, 16, group_size, dtype, device), opts, out,
                      log=lambda line: typer.echo(line, err=True))
-    typer.echo(f"wrote {rec['json']} and {rec['png']}")
+    _wrote(rec)
 
 
 def main() -> None:

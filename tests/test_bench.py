@@ -3,11 +3,12 @@ figures that add up; the memory table agrees with transformers' own KV cache; sh
 import json
 
 import pytest
+import torch
+from conftest import run_cli
 
 from lowbit.config import ModelConfig
 from lowbit.layers.paged_kv_cache import PagedKVCache
 from lowbit.models.presets import PRESETS, preset_config
-from tests.conftest import run_cli
 
 TINY = ["--dummy-weights", "--arch", "tiny"]
 
@@ -63,7 +64,7 @@ def test_bench_memory_table_and_transformers_kv_agree(tmp_path):
     cfg = preset_config("tiny")
     for (w, kv), row in rows.items():
         per = PagedKVCache.bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, kv,
-                                           __import__("torch").float16)
+                                           torch.float16)
         assert row["kv_bytes_per_token"] == per and row["kv_bytes_per_4096_tokens"] == 4096 * per
         # the same cache bytes hold bytes-per-token times more tokens (head_dim 32: 1.78x for int8)
         assert row["kv_tokens_vs_16bit"] == pytest.approx(rows[(w, 16)]["kv_bytes_per_token"] / per, rel=1e-3)

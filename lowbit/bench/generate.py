@@ -94,14 +94,15 @@ def measure(llm, opts: GenerateOptions, vocab_size: int) -> list[dict]:
 
 
 def run_generate(spec: ModelSpec, opts: GenerateOptions, out_dir: Path | None = None,
-                 log: Callable[[str], None] = print) -> dict:
-    """Loads the model once, then per kv_bits builds an engine and measures every concurrency.
-    A kv_bits whose engine fails is recorded with its error and the next one runs."""
+                 log: Callable[[str], None] = print, loaded: tuple | None = None) -> dict:
+    """Loads the model once (or takes the `loaded` triple), then per kv_bits builds an engine and
+    measures every concurrency. A kv_bits whose engine fails is recorded with its error and the
+    next one runs."""
     from lowbit.engine.llm import LLM
 
     opts.check()
     t0 = time.perf_counter()
-    model, tok, ckpt = spec.load()
+    model, tok, ckpt = loaded or spec.load()
     device = device_of(model)
     name = spec.describe(model)
     record = {"bench": "generate", "model": name, "spec": asdict(spec), "options": asdict(opts),
@@ -132,10 +133,10 @@ def run_generate(spec: ModelSpec, opts: GenerateOptions, out_dir: Path | None = 
             release_memory()
         record["runs"].append(run)
     if out_dir is not None:
-        from lowbit.bench.plots import plot_generate
+        from lowbit.bench.plots import plot_generate, try_plot
 
         record["json"] = str(write_json(out_dir, "generate", record))
-        record["png"] = str(plot_generate([record], out_dir / "generate.png"))
+        record["png"] = try_plot(plot_generate, [record], out_dir / "generate.png", log)
     return record
 
 

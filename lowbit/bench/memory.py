@@ -155,10 +155,10 @@ def run_memory(spec: ModelSpec, opts: MemoryOptions, out_dir: Path | None = None
             log(f"{r['weights']} kv{r['kv_bits']}: {fmt_bytes(r['kv_bytes_per_token'])}/token, "
                 f"{r['kv_tokens']} tokens in the cache" + (f" ({ratio:.2f}x the 16-bit cache)" if ratio else ""))
     if out_dir is not None:
-        from lowbit.bench.plots import plot_memory
+        from lowbit.bench.plots import plot_memory, try_plot
 
         record["json"] = str(write_json(out_dir, "memory", record))
-        record["png"] = str(plot_memory(record, out_dir / "memory.png"))
+        record["png"] = try_plot(plot_memory, record, out_dir / "memory.png", log)
     return record
 
 

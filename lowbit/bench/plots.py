@@ -5,6 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def try_plot(plot, data, path: Path, log=print) -> str | None:
+    """plot(data, path) -> the PNG's path; None (and a line in the log) where it cannot be drawn,
+    e.g. without matplotlib: the JSON is the result, the figure a view of it."""
+    try:
+        return str(plot(data, path))
+    except Exception as e:
+        log(f"{path.name}: no figure ({type(e).__name__}: {e})")
+        return None
+
+
 def _pyplot():
     import matplotlib
 

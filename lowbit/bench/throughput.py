@@ -154,8 +154,8 @@ def run_throughput(spec: ModelSpec, opts: ThroughputOptions, out_dir: Path | Non
         f"{result['requests_per_s']:.2f} req/s, {result['output_tokens_per_s']:.1f} output tok/s, "
         f"{result['total_tokens_per_s']:.1f} total tok/s ({source['dataset']})")
     if out_dir is not None:
-        from lowbit.bench.plots import plot_throughput
+        from lowbit.bench.plots import plot_throughput, try_plot
 
         record["json"] = str(write_json(out_dir, "throughput", record))
-        record["png"] = str(plot_throughput([record], out_dir / "throughput.png"))
+        record["png"] = try_plot(plot_throughput, [record], out_dir / "throughput.png", log)
     return record
