@@ -380,8 +380,10 @@ def _launch(cfg: Config, x2: torch.Tensor, w: W4A16Weight, out: torch.Tensor) ->
         _splitk_reduce_kernel[(triton.cdiv(mn, 1024),)](dst, out, mn, split, BLOCK=1024, num_warps=4)
 
 
-def _m_bucket(m: int) -> int:
-    return m if m <= 4 else min(next_pow2(m), 8192)
+def tune_key(m: int, w: W4A16Weight, dtype: torch.dtype) -> tuple:
+    """What a tuned config is cached under: path-relevant M bucket, shape, bits, dtypes."""
+    bucket = m if m <= 4 else min(next_pow2(m), 8192)
+    return ("w4a16", bucket, w.out_features, w.k_padded, w.container_bits, dtype, w.scales_gxn.dtype)
 
 
 def w4a16_matmul(x: torch.Tensor, w: W4A16Weight, config: Config | None = None) -> torch.Tensor:
@@ -402,8 +404,7 @@ def w4a16_matmul(x: torch.Tensor, w: W4A16Weight, config: Config | None = None) 
     if m == 0:
         return out.reshape(*lead, n)
     if config is None:
-        key = ("w4a16", _m_bucket(m), n, w.k_padded, w.container_bits, x.dtype, w.scales_gxn.dtype)
         cands = _candidates(m, n, w, x.device)
-        config = pick_config(key, cands, lambda c: _launch(c, x2, w, out), x.device)
+        config = pick_config(tune_key(m, w, x.dtype), cands, lambda c: _launch(c, x2, w, out), x.device)
     _launch(config, x2, w, out)
     return out.reshape(*lead, n)
