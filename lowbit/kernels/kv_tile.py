@@ -32,22 +32,25 @@ def load_kv_tile(c_ptr, sz_ptr, tok_off, sz_off, tmask, D,
     the cache dtype otherwise). tok_off / sz_off [BLOCK_N] int64: element offset of each token's
     (block, slot, head) row in the cache / scale_zero tensor. Masked tokens and dims >= D come
     back finite (codes 0, scale 0), so they vanish against a zero q or p."""
+    # one return at the end: Triton compiles what follows a return inside a constexpr branch
     offs_d = tl.arange(0, BLOCK_D)
     if KV_BITS == 16:
-        return tl.load(c_ptr + tok_off[:, None] + offs_d[None, :],
-                       mask=tmask[:, None] & (offs_d < D)[None, :], other=0.0)
-    scale = tl.load(sz_ptr + sz_off, mask=tmask, other=0.0).to(tl.float32)
-    zero = tl.load(sz_ptr + sz_off + 1, mask=tmask, other=0.0).to(tl.float32)
-    if KV_BITS == 8:
-        c = tl.load(c_ptr + tok_off[:, None] + offs_d[None, :],
-                    mask=tmask[:, None] & (offs_d < D)[None, :], other=0)
-        f = codes_minus(c, 128.0)
-    else:  # two codes a byte, dim 2i in the low nibble
-        offs_h = tl.arange(0, BLOCK_D // 2)
-        c = tl.load(c_ptr + tok_off[:, None] + offs_h[None, :],
-                    mask=tmask[:, None] & (offs_h < D // 2)[None, :], other=0)
-        f = codes_minus(tl.reshape(tl.join(c & 0xF, c >> 4), (BLOCK_N, BLOCK_D)), 8.0)
-    return f * scale[:, None] + zero[:, None]
+        x = tl.load(c_ptr + tok_off[:, None] + offs_d[None, :],
+                    mask=tmask[:, None] & (offs_d < D)[None, :], other=0.0)
+    else:
+        scale = tl.load(sz_ptr + sz_off, mask=tmask, other=0.0).to(tl.float32)
+        zero = tl.load(sz_ptr + sz_off + 1, mask=tmask, other=0.0).to(tl.float32)
+        if KV_BITS == 8:
+            c = tl.load(c_ptr + tok_off[:, None] + offs_d[None, :],
+                        mask=tmask[:, None] & (offs_d < D)[None, :], other=0)
+            f = codes_minus(c, 128.0)
+        else:  # two codes a byte, dim 2i in the low nibble
+            offs_h = tl.arange(0, BLOCK_D // 2)
+            c = tl.load(c_ptr + tok_off[:, None] + offs_h[None, :],
+                        mask=tmask[:, None] & (offs_h < D // 2)[None, :], other=0)
+            f = codes_minus(tl.reshape(tl.join(c & 0xF, c >> 4), (BLOCK_N, BLOCK_D)), 8.0)
+        x = f * scale[:, None] + zero[:, None]
+    return x
 
 
 def check_cache(k_cache, v_cache, kv_bits, k_scale_zero, v_scale_zero, head_dim: int, where: str):

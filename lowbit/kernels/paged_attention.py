@@ -4,7 +4,7 @@ One program per (sequence, KV head, context split) holds the whole GQA group of 
 rows of its tiles (padded to 16 for tl.dot), so each K/V byte is read once per group. Long
 contexts with few sequences are split over the context (flash-decoding): each split writes its
 normalised output and log-sum-exp, and a second kernel merges them. int8/int4 caches are
-dequantized in registers right after the load (lowbit/kernels/kv_tile.py).
+never dequantized element by element: the dots run on the raw codes (see _decode_kernel).
 """
 from __future__ import annotations
 
@@ -15,23 +15,43 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels._common import interpreting, new_empty, next_pow2, sm_count
-from lowbit.kernels.kv_tile import check_cache, gather_kv_ref, load_kv_tile, sz_strides
+from lowbit.kernels.kv_tile import check_cache, codes_minus, gather_kv_ref, sz_strides
 
 _TRITON_INTERPRET = interpreting()
-_DOT_F32 = tl.constexpr(_TRITON_INTERPRET)  # the interpreter multiplies bf16 dot operands as raw bits
 NO_WINDOW = 1 << 30
 
-# tile config, by head_dim bucket; the benchmark may override (the `config` argument)
+# tile config; the benchmark's sweep may pass others (the `config` argument)
 DEFAULT_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+
+
+@triton.jit
+def _codes_as(c, MAGIC16: tl.constexpr, DT: tl.constexpr):
+    """uint8 codes as DT dot operands: with MAGIC16, fp16 1024 + code (the code or-ed under the
+    exponent bits of 1024: one integer op); otherwise the code itself, via the fp32 mantissa."""
+    if MAGIC16:
+        x = (c.to(tl.int32) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+    else:
+        x = codes_minus(c, 0.0).to(DT)
+    return x
 
 
 @triton.jit
 def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, ctx_ptr, out_ptr, lse_ptr,
                    stride_qs, stride_qh, stride_cb, stride_ct, stride_ch, stride_zb, stride_zt, stride_zh,
                    stride_bts, stride_os, stride_oh, stride_osp, stride_ls, stride_lh,
-                   qk_scale, window, tokens_per_split, D, QH,
-                   KV_BITS: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PARTIAL: tl.constexpr):
+                   qk_scale, window, tokens_per_split, QH,
+                   D: tl.constexpr, KV_BITS: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PARTIAL: tl.constexpr,
+                   MAGIC16: tl.constexpr, UPCAST: tl.constexpr):
+    # Quantized K/V are never dequantized element by element: with per-token scale s and zero z,
+    #   q . k_t = s_t (q . c_t) + (z_t - OFF s_t) sum(q)       and
+    #   sum_t p_t v_t = (p s) @ c + sum_t p_t (z_t - OFF s_t)  (per output row),
+    # so the dots run on the raw codes and only [tokens]-sized vectors see the scales. int4 splits
+    # head_dim into even dims (low nibbles) and odd dims (high nibbles): two half-width dots.
+    HALVES: tl.constexpr = 2 if KV_BITS == 4 else 1
+    DH: tl.constexpr = BLOCK_D // HALVES
+    CODE_OFF: tl.constexpr = 8.0 if KV_BITS == 4 else 128.0
+    OFF: tl.constexpr = CODE_OFF + 1024.0 if MAGIC16 else CODE_OFF
     s = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -40,43 +60,81 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, ctx_ptr, out
     end = tl.minimum(start + tokens_per_split, ctx)
     start = tl.maximum(start, ctx - window)  # the query at ctx - 1 sees keys t > ctx - 1 - window
     offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_c = tl.arange(0, DH)  # a column of a half: dim offs_c * HALVES + half
     hmask = offs_h < QH
+    cmask = offs_c < D // HALVES
     heads = kvh * QH + offs_h
-    q = tl.load(q_ptr + s * stride_qs + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=hmask[:, None] & (offs_d < D)[None, :], other=0.0)
-    if _DOT_F32:
-        q = q.to(tl.float32)
+    q_ptrs = q_ptr + s * stride_qs + heads[:, None] * stride_qh + (offs_c * HALVES)[None, :]
+    q0 = tl.load(q_ptrs, mask=hmask[:, None] & cmask[None, :], other=0.0)
+    q1 = q0
+    if HALVES == 2:
+        q1 = tl.load(q_ptrs + 1, mask=hmask[:, None] & cmask[None, :], other=0.0)
+    if UPCAST:  # the interpreter multiplies bf16 dot operands as raw bits
+        q0 = q0.to(tl.float32)
+        q1 = q1.to(tl.float32)
+    qsum = tl.sum(q0.to(tl.float32), 1)
+    if HALVES == 2:
+        qsum += tl.sum(q1.to(tl.float32), 1)
     m_i = tl.full((BLOCK_H,), -float("inf"), tl.float32)
     l_i = tl.zeros((BLOCK_H,), tl.float32)
-    acc = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
+    acc0 = tl.zeros((BLOCK_H, DH), tl.float32)
+    acc1 = tl.zeros((BLOCK_H, DH), tl.float32)
     for t0 in range(start, end, BLOCK_N):  # every tile holds >= 1 live token, so m_i stays finite
         t = t0 + tl.arange(0, BLOCK_N)
         tmask = t < end
         blk = tl.load(bt_ptr + s * stride_bts + t // BLOCK_SIZE, mask=tmask, other=0).to(tl.int64)
         slot = t % BLOCK_SIZE
         tok = blk * stride_cb + slot * stride_ct + kvh * stride_ch
-        zoff = blk * stride_zb + slot * stride_zt + kvh * stride_zh
-        k = load_kv_tile(kc_ptr, ksz_ptr, tok, zoff, tmask, D, KV_BITS, BLOCK_N, BLOCK_D).to(q.dtype)
-        sc = tl.dot(q, tl.trans(k)) * qk_scale  # log2 units
-        sc = tl.where(tmask[None, :], sc, -float("inf"))
+        kv_ptrs = tok[:, None] + offs_c[None, :]
+        kv_mask = tmask[:, None] & cmask[None, :]
+        if KV_BITS == 16:
+            k = tl.load(kc_ptr + kv_ptrs, mask=kv_mask, other=0.0).to(q0.dtype)
+            sc = tl.dot(q0, tl.trans(k))
+        else:
+            zoff = blk * stride_zb + slot * stride_zt + kvh * stride_zh
+            ks = tl.load(ksz_ptr + zoff, mask=tmask, other=0.0).to(tl.float32)
+            kz = tl.load(ksz_ptr + zoff + 1, mask=tmask, other=0.0).to(tl.float32)
+            kc = tl.load(kc_ptr + kv_ptrs, mask=kv_mask, other=0)
+            if KV_BITS == 8:
+                raw = tl.dot(q0, tl.trans(_codes_as(kc, MAGIC16, q0.dtype)))
+            else:
+                raw = tl.dot(q0, tl.trans(_codes_as(kc & 0xF, MAGIC16, q0.dtype)))
+                raw = tl.dot(q1, tl.trans(_codes_as(kc >> 4, MAGIC16, q0.dtype)), raw)
+            sc = raw * ks[None, :] + qsum[:, None] * (kz - OFF * ks)[None, :]
+        sc = tl.where(tmask[None, :], sc * qk_scale, -float("inf"))  # log2 units
         m_new = tl.maximum(m_i, tl.max(sc, 1))
         p = tl.math.exp2(sc - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = load_kv_tile(vc_ptr, vsz_ptr, tok, zoff, tmask, D, KV_BITS, BLOCK_N, BLOCK_D).to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
+        if KV_BITS == 16:
+            v = tl.load(vc_ptr + kv_ptrs, mask=kv_mask, other=0.0).to(q0.dtype)
+            acc0 = acc0 * alpha[:, None] + tl.dot(p.to(q0.dtype), v)
+        else:
+            vs = tl.load(vsz_ptr + zoff, mask=tmask, other=0.0).to(tl.float32)
+            vz = tl.load(vsz_ptr + zoff + 1, mask=tmask, other=0.0).to(tl.float32)
+            pv = (p * vs[None, :]).to(q0.dtype)
+            corr = (tl.sum(p * vz[None, :], 1) - OFF * tl.sum(pv.to(tl.float32), 1))[:, None]
+            vc = tl.load(vc_ptr + kv_ptrs, mask=kv_mask, other=0)
+            if KV_BITS == 8:
+                acc0 = acc0 * alpha[:, None] + tl.dot(pv, _codes_as(vc, MAGIC16, q0.dtype)) + corr
+            else:
+                acc0 = acc0 * alpha[:, None] + tl.dot(pv, _codes_as(vc & 0xF, MAGIC16, q0.dtype)) + corr
+                acc1 = acc1 * alpha[:, None] + tl.dot(pv, _codes_as(vc >> 4, MAGIC16, q0.dtype)) + corr
         m_i = m_new
     l_safe = tl.where(l_i > 0, l_i, 1.0)
-    o = acc / l_safe[:, None]
-    omask = hmask[:, None] & (offs_d < D)[None, :]
-    o_ptrs = out_ptr + s * stride_os + heads[:, None] * stride_oh + offs_d[None, :]
+    omask = hmask[:, None] & cmask[None, :]
+    o_ptrs = out_ptr + s * stride_os + heads[:, None] * stride_oh + (offs_c * HALVES)[None, :]
     if PARTIAL:
-        tl.store(o_ptrs + sp * stride_osp, o, mask=omask)
+        o_ptrs += sp * stride_osp
+        tl.store(o_ptrs, acc0 / l_safe[:, None], mask=omask)
+        if HALVES == 2:
+            tl.store(o_ptrs + 1, acc1 / l_safe[:, None], mask=omask)
         lse = tl.where(l_i > 0, m_i + tl.math.log2(l_safe), -float("inf"))
         tl.store(lse_ptr + s * stride_ls + heads * stride_lh + sp, lse, mask=hmask)
     else:
-        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=omask)
+        tl.store(o_ptrs, (acc0 / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=omask)
+        if HALVES == 2:
+            tl.store(o_ptrs + 1, (acc1 / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=omask)
 
 
 @triton.jit
@@ -151,9 +209,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q, k_cache, v_cache, ksz, vsz, block_tables, context_lens, o_arg, lse,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *sz_strides(k_scale_zero, kv_bits),
         block_tables.stride(0), *o_strides, *l_strides,
-        qk_scale, sliding_window or NO_WINDOW, tps, d, qh,
-        KV_BITS=kv_bits, BLOCK_SIZE=bs, BLOCK_H=max(16, next_pow2(qh)), BLOCK_N=block_n, BLOCK_D=block_d,
-        PARTIAL=partial, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        qk_scale, sliding_window or NO_WINDOW, tps, qh,
+        D=d, KV_BITS=kv_bits, BLOCK_SIZE=bs, BLOCK_H=max(16, next_pow2(qh)), BLOCK_N=block_n, BLOCK_D=block_d,
+        PARTIAL=partial, MAGIC16=q.dtype == torch.float16, UPCAST=interpreting() and q.dtype == torch.bfloat16,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if partial:
         _merge_splits_kernel[(n_seq, n_heads)](
             part, lse, out, splits, d, *part.stride()[:3], *lse.stride()[:2], *out.stride()[:2],

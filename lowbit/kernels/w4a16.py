@@ -19,10 +19,12 @@ Dequantization is exact fp32 arithmetic plus one fma: the code is moved to the t
 mantissa, f = 1 + code / 2**cb, so (code - zero) * scale = f * S - Z with S = scale * 2**cb and
 Z = S + zero * scale. No int->float conversion instruction (a quarter-rate unit on Hopper).
 
-Paths, by M (rows of x): 'gemv' (CUDA cores, M = 1), 'mm' (tensor cores; BM = 16 for M <= 16 with
-split-K over a second grid axis and an fp32 two-stage reduction, larger tiles for prefill) and
-'dq' (dequantize to a dense [K, N] matrix, then cuBLAS; only offered for M >= 256). Which config
-runs is timed once per (path, M bucket, N, K, bits, dtype) and cached (lowbit.kernels._common).
+Paths, by M (rows of x): 'gemv' (CUDA cores, M = 1), 'mm' (tensor cores; BM = 16 for M <= 16,
+larger tiles for prefill) and 'dq' (dequantize to a dense [K, N] matrix, then cuBLAS; offered for
+M >= 256). gemv and mm split K over a second grid axis when the tiles alone would leave SMs idle:
+each split stores an fp32 partial and the last split of a tile to arrive (a per-tile counter in
+`locks`) sums them, all in one launch. Which config runs is timed once per (M bucket, N, K, bits,
+dtype) in a CUDA graph and cached (lowbit.kernels._common); the counters assume one stream.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from lowbit.kernels._common import interpreting, new_empty, next_pow2, pick_conf
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 PLANE = 16  # P: columns per plane = the K of one tl.dot
+_MAX_SPLIT_TILES_PER_16N = 4  # split-K runs only while M <= 64: at most 4 row tiles of 16 per 16 columns
 _TRITON_INTERPRET = interpreting()  # what @triton.jit saw when this module was imported
 # Triton's CPU interpreter multiplies bf16 dot operands as raw bits: it gets fp32 operands instead
 _DOT_F32 = tl.constexpr(_TRITON_INTERPRET)
@@ -60,6 +63,8 @@ class W4A16Weight:
     k_padded: int
     bits: int
     group_size: int
+    block_uniform_groups: bool  # every block of E planes lies in one group: scales load once a block
+    locks: torch.Tensor  # int32 zeros: split-K tile counters, each re-armed by the tile's last program
 
     @property
     def container_bits(self) -> int:
@@ -143,10 +148,13 @@ def pack_w4a16(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g
     words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32).contiguous()
 
     s = _scale_storage(scales)
+    pg_blocks = plane_group.view(nb, e)
+    uniform = bool((pg_blocks == pg_blocks[:, :1]).all())
     return W4A16Weight(qweight_int32_kxn=words, scales_gxn=s.t().contiguous(),
                        zeros_gxn=zeros.to(s.dtype).t().contiguous(), plane_group=plane_group.contiguous(),
                        x_index=x_index, in_features=k, out_features=n, k_padded=k_pad, bits=bits,
-                       group_size=group_size)
+                       group_size=group_size, block_uniform_groups=uniform,
+                       locks=torch.zeros(_MAX_SPLIT_TILES_PER_16N * triton.cdiv(n, 16), dtype=torch.int32, device=dev))
 
 
 def w4a16_ref(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -185,10 +193,29 @@ def _plane_scales(s_ptr, z_ptr, pg_ptr, plane, offs_n, nmask, stride_g, CB: tl.c
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, pg_ptr, out_ptr,
-                 N, KX, n_blocks, blocks_per_split, stride_wr, stride_g,
+def _finish(acc, out_ptr, ws_ptr, lock_ptr, tile, pid_s, split, offs_o, omask, MN,
+            PARTIAL: tl.constexpr):
+    """Store a tile, or with split-K add it to the others: every split writes its fp32 partial,
+    the last to arrive (a counter per tile) sums them and stores, then re-arms the counter."""
+    if PARTIAL:
+        tl.store(ws_ptr + pid_s * MN + offs_o, acc, mask=omask)
+        tl.debug_barrier()  # all of this program's partial is written before the release below
+        arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
+        if arrived == split - 1:
+            total = tl.zeros_like(acc)
+            for s in range(split):  # .cg: read through L2, where the other programs' stores are
+                total += tl.load(ws_ptr + s * MN + offs_o, mask=omask, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + offs_o, total.to(out_ptr.dtype.element_ty), mask=omask)
+            tl.atomic_xchg(lock_ptr + tile, 0)
+    else:
+        tl.store(out_ptr + offs_o, acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, pg_ptr, out_ptr, ws_ptr, lock_ptr,
+                 N, KX, n_blocks, blocks_per_split, split, stride_wr, stride_g,
                  CB: tl.constexpr, P: tl.constexpr, BN: tl.constexpr, U: tl.constexpr,
-                 PARTIAL: tl.constexpr):
+                 BLOCK_GROUPS: tl.constexpr, PARTIAL: tl.constexpr):
     # M = 1 on CUDA cores: a [P, BN] fp32 accumulator, reduced over P once at the end
     E: tl.constexpr = 32 // CB
     pid_n = tl.program_id(0)
@@ -206,23 +233,23 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, pg_ptr, out_ptr,
             b = tl.minimum(b0 + u, b_end - 1)
             rows = b * P + offs_p
             w = tl.load(w_ptr + rows[:, None] * stride_wr + offs_n[None, :], mask=nmask[None, :], other=0)
+            if BLOCK_GROUPS:
+                S, Z = _plane_scales(s_ptr, z_ptr, pg_ptr, b * E, offs_n, nmask, stride_g, CB)
             for j in tl.static_range(E):
-                S, Z = _plane_scales(s_ptr, z_ptr, pg_ptr, b * E + j, offs_n, nmask, stride_g, CB)
+                if not BLOCK_GROUPS:
+                    S, Z = _plane_scales(s_ptr, z_ptr, pg_ptr, b * E + j, offs_n, nmask, stride_g, CB)
                 k = (b0 + u) * (E * P) + j * P + offs_p
                 xv = tl.load(x_ptr + k, mask=k < k_end, other=0.0).to(tl.float32)
                 acc += xv[:, None] * _dequant(w, S[None, :], Z[None, :], j, CB)
     y = tl.sum(acc, axis=0)
-    if PARTIAL:
-        tl.store(out_ptr + pid_s * N + offs_n, y, mask=nmask)
-    else:
-        tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=nmask)
+    _finish(y, out_ptr, ws_ptr, lock_ptr, pid_n, pid_s, split, offs_n, nmask, N, PARTIAL)
 
 
 @triton.jit
-def _mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, pg_ptr, out_ptr,
-               M, N, KX, n_blocks, blocks_per_split, stride_xm, stride_wr, stride_g,
+def _mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, pg_ptr, out_ptr, ws_ptr, lock_ptr,
+               M, N, KX, n_blocks, blocks_per_split, split, stride_xm, stride_wr, stride_g,
                CB: tl.constexpr, P: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, U: tl.constexpr,
-               GROUP_M: tl.constexpr, PARTIAL: tl.constexpr):
+               GROUP_M: tl.constexpr, BLOCK_GROUPS: tl.constexpr, PARTIAL: tl.constexpr):
     # tensor cores: each code plane is a [P, BN] operand against the contiguous x slice of its columns
     E: tl.constexpr = 32 // CB
     pid = tl.program_id(0)
@@ -245,12 +272,14 @@ def _mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, pg_ptr, out_ptr,
     k_end = tl.minimum(KX, b_end * (E * P))
     for b0 in range(b_start, b_end, U):
         for u in tl.static_range(U):
-            # a ragged last iteration re-reads block b_end - 1 with x masked to zero
             b = tl.minimum(b0 + u, b_end - 1)
             rows = b * P + offs_p
             w = tl.load(w_ptr + rows[:, None] * stride_wr + offs_n[None, :], mask=nmask[None, :], other=0)
+            if BLOCK_GROUPS:
+                S, Z = _plane_scales(s_ptr, z_ptr, pg_ptr, b * E, offs_n, nmask, stride_g, CB)
             for j in tl.static_range(E):
-                S, Z = _plane_scales(s_ptr, z_ptr, pg_ptr, b * E + j, offs_n, nmask, stride_g, CB)
+                if not BLOCK_GROUPS:
+                    S, Z = _plane_scales(s_ptr, z_ptr, pg_ptr, b * E + j, offs_n, nmask, stride_g, CB)
                 k = (b0 + u) * (E * P) + j * P + offs_p
                 xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
                              mask=mmask[:, None] & (k < k_end)[None, :], other=0.0)
@@ -261,20 +290,7 @@ def _mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, pg_ptr, out_ptr,
                     acc = tl.dot(xt, wt.to(xt.dtype), acc)
     offs_o = offs_m[:, None] * N + offs_n[None, :]
     omask = mmask[:, None] & nmask[None, :]
-    if PARTIAL:
-        tl.store(out_ptr + pid_s * M * N + offs_o, acc, mask=omask)
-    else:
-        tl.store(out_ptr + offs_o, acc.to(out_ptr.dtype.element_ty), mask=omask)
-
-
-@triton.jit
-def _splitk_reduce_kernel(ws_ptr, out_ptr, MN, SPLIT, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < MN
-    acc = tl.zeros((BLOCK,), tl.float32)
-    for s in range(SPLIT):
-        acc += tl.load(ws_ptr + s * MN + offs, mask=mask, other=0.0)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    _finish(acc, out_ptr, ws_ptr, lock_ptr, pid, pid_s, split, offs_o, omask, M * N, PARTIAL)
 
 
 @triton.jit
@@ -332,17 +348,17 @@ def _candidates(m: int, n: int, w: W4A16Weight, device: torch.device) -> list[Co
 
     out: list[Config] = []
     if m == 1:
-        for bn, u, warps in ((64, 2, 4), (32, 2, 4), (128, 1, 4), (128, 2, 8), (256, 1, 8)):
+        for bn, u, warps in ((64, 2, 4), (128, 1, 4), (256, 1, 8), (32, 2, 4)):
             out += with_splits("gemv", 1, bn, u, warps, 3)
     if m <= 16:
-        for bn, u in ((64, 2), (32, 2), (128, 1), (64, 1)):
+        for bn, u in ((64, 2), (128, 1), (32, 2), (64, 1)):
             out += with_splits("mm", 16, bn, u, 4, 3)
     elif m <= 64:
-        for bm, bn, warps in ((32, 64, 4), (64, 64, 4), (64, 128, 4), (32, 128, 4)):
-            out += with_splits("mm", bm, bn, 1, warps, 3)
+        for bm, bn in ((32, 64), (64, 64), (64, 128), (32, 128)):
+            out += with_splits("mm", bm, bn, 1, 4, 3)
     else:
         for bm, bn, warps, stages in ((128, 128, 8, 3), (128, 128, 4, 3), (64, 128, 4, 4),
-                                      (128, 256, 8, 3), (64, 256, 8, 3), (128, 64, 4, 4)):
+                                      (128, 256, 8, 3), (64, 256, 8, 3)):
             out += with_splits("mm", bm, bn, 1, warps, stages)
         if m >= 256:
             out.append(Config("dq", BN=128))
@@ -363,21 +379,21 @@ def _launch(cfg: Config, x2: torch.Tensor, w: W4A16Weight, out: torch.Tensor) ->
         return
     bps = triton.cdiv(nb, cfg.split)
     split = triton.cdiv(nb, bps)
+    tiles = triton.cdiv(m, cfg.BM) * triton.cdiv(n, cfg.BN)
+    if split > 1 and tiles > w.locks.numel():
+        split, bps = 1, nb  # more tiles than counters (a config for large M): no split
     partial = split > 1
-    dst = new_empty((split, m, n), torch.float32, x2.device) if partial else out
+    ws = new_empty((split, m, n), torch.float32, x2.device) if partial else out
     if cfg.kind == "gemv":
-        grid = (triton.cdiv(n, cfg.BN), split)
-        _gemv_kernel[grid](x2, qw, s, z, pg, dst, n, kx, nb, bps, qw.stride(0), s.stride(0),
-                           CB=cb, P=PLANE, BN=cfg.BN, U=cfg.U, PARTIAL=partial,
-                           num_warps=cfg.warps, num_stages=cfg.stages)
+        _gemv_kernel[(triton.cdiv(n, cfg.BN), split)](
+            x2, qw, s, z, pg, out, ws, w.locks, n, kx, nb, bps, split, qw.stride(0), s.stride(0),
+            CB=cb, P=PLANE, BN=cfg.BN, U=cfg.U, BLOCK_GROUPS=w.block_uniform_groups, PARTIAL=partial,
+            num_warps=cfg.warps, num_stages=cfg.stages)
     else:
-        grid = (triton.cdiv(m, cfg.BM) * triton.cdiv(n, cfg.BN), split)
-        _mm_kernel[grid](x2, qw, s, z, pg, dst, m, n, kx, nb, bps, x2.stride(0), qw.stride(0), s.stride(0),
-                         CB=cb, P=PLANE, BM=cfg.BM, BN=cfg.BN, U=cfg.U, GROUP_M=8, PARTIAL=partial,
-                         num_warps=cfg.warps, num_stages=cfg.stages)
-    if partial:
-        mn = m * n
-        _splitk_reduce_kernel[(triton.cdiv(mn, 1024),)](dst, out, mn, split, BLOCK=1024, num_warps=4)
+        _mm_kernel[(tiles, split)](
+            x2, qw, s, z, pg, out, ws, w.locks, m, n, kx, nb, bps, split, x2.stride(0), qw.stride(0), s.stride(0),
+            CB=cb, P=PLANE, BM=cfg.BM, BN=cfg.BN, U=cfg.U, GROUP_M=8, BLOCK_GROUPS=w.block_uniform_groups,
+            PARTIAL=partial, num_warps=cfg.warps, num_stages=cfg.stages)
 
 
 def tune_key(m: int, w: W4A16Weight, dtype: torch.dtype) -> tuple:
@@ -404,7 +420,6 @@ def w4a16_matmul(x: torch.Tensor, w: W4A16Weight, config: Config | None = None) 
     if m == 0:
         return out.reshape(*lead, n)
     if config is None:
-        cands = _candidates(m, n, w, x.device)
-        config = pick_config(tune_key(m, w, x.dtype), cands, lambda c: _launch(c, x2, w, out), x.device)
+        config = pick_config(tune_key(m, w, x.dtype), lambda: _candidates(m, n, w, x.device), lambda c: _launch(c, x2, w, out), x.device)
     _launch(config, x2, w, out)
     return out.reshape(*lead, n)
