@@ -15,8 +15,12 @@ the `wf` shift tables of its torch dequantize path), vLLM
 transformers `utils/quantization_config.py` (GPTQConfig: bits 2/3/4/8, `checkpoint_format`).
 
 The v1 "minus one": writers store zero - 1 and readers add 1 back. An asymmetric zero of 0 would
-store -1; we mask it to `bits` bits (AutoGPTQ does not, and corrupts the neighbouring values) and
-read with `(stored + 1) mod 2**bits`, which returns 0. GPTQModel's `gptq_v2` stores zero as is.
+store -1; we mask it to `bits` bits and read with `(stored + 1) mod 2**bits`, which returns 0.
+Nobody agrees on that case: AutoGPTQ ORs the unmasked -1 into the word (corrupting its neighbours),
+nibble-wise readers (AutoGPTQ, vLLM's exllama path) decode our masked value as 2**bits, and
+GPTQModel (`gptqmodel/utils/model.py`, convert_gptq_v2_to_v1_format) subtracts 0x11111111 from the
+whole word, borrowing from the next value, and adds it back word-wise on load. Symmetric zeros
+(2**(bits-1)) never hit it. GPTQModel's `gptq_v2` stores zeros as they are; we read it.
 """
 from __future__ import annotations
 
