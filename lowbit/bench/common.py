@@ -138,3 +138,9 @@ def release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def module_bytes(model) -> int:
+    """Bytes of every parameter and buffer the model holds (packed and unpacked forms alike)."""
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())

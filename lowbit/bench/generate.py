@@ -16,8 +16,8 @@ from typing import Callable
 
 import torch
 
-from lowbit.bench.common import (ModelSpec, cuda_peak, cuda_peak_reset, device_of, environment, percentiles,
-                                 release_memory, write_json)
+from lowbit.bench.common import (ModelSpec, cuda_peak, cuda_peak_reset, device_of, environment, module_bytes,
+                                 percentiles, release_memory, write_json)
 from lowbit.engine.sampling_params import SamplingParams
 from lowbit.errors import LowbitError
 
@@ -83,9 +83,10 @@ def run_wave(engine, prompts: list[list[int]], output_len: int) -> dict:
 def measure(llm, opts: GenerateOptions, vocab_size: int) -> list[dict]:
     device = llm.engine.runner.device
     engine = llm.engine
-    run_wave(engine, random_prompts(1, opts.input_len, vocab_size, opts.seed), opts.warmup_tokens)
     results = []
     for i, c in enumerate(opts.concurrency):
+        # a few steps at this batch size first: kernels compile and tune per shape on first use
+        run_wave(engine, random_prompts(c, opts.input_len, vocab_size, opts.seed), opts.warmup_tokens)
         prompts = random_prompts(c, opts.input_len, vocab_size, opts.seed + 1 + i)
         cuda_peak_reset(device)
         res = run_wave(engine, prompts, opts.output_len)
@@ -107,7 +108,7 @@ def run_generate(spec: ModelSpec, opts: GenerateOptions, out_dir: Path | None = 
     name = spec.describe(model)
     record = {"bench": "generate", "model": name, "spec": asdict(spec), "options": asdict(opts),
               "env": environment(device), "load_s": time.perf_counter() - t0,
-              "weights_bytes": _module_bytes(model), "runs": []}
+              "weights_bytes": module_bytes(model), "runs": []}
     max_len = opts.max_model_len or min(opts.input_len + opts.output_len, model.config.max_position_embeddings)
     for kv_bits in opts.kv_bits:
         run, llm = {"kv_bits": kv_bits}, None
@@ -142,9 +143,3 @@ def run_generate(spec: ModelSpec, opts: GenerateOptions, out_dir: Path | None = 
 
 def _ms(x) -> str:
     return "-" if x is None else f"{x:.2f}"
-
-
-def _module_bytes(model) -> int:
-    """Bytes of every parameter and buffer the model holds (packed and unpacked forms alike)."""
-    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
-    return sum(t.numel() * t.element_size() for t in tensors.values())

@@ -18,8 +18,8 @@ from typing import Callable
 
 import torch
 
-from lowbit.bench.common import ModelSpec, device_of, environment, fmt_bytes, release_memory, write_json
-from lowbit.bench.generate import _module_bytes, engine_info
+from lowbit.bench.common import ModelSpec, device_of, environment, fmt_bytes, module_bytes, release_memory, write_json
+from lowbit.bench.generate import engine_info
 from lowbit.layers.paged_kv_cache import PagedKVCache
 
 HF_FITS_FRACTION = 0.8  # try transformers' model only when its fp16 weights take at most this much of the device
@@ -50,7 +50,7 @@ def _weights_row(spec: ModelSpec, log) -> tuple[tuple, dict]:
     triple = spec.load()
     model = triple[0]
     row = {"weights": spec.describe(model), "w_bits": spec.w_bits, "dtype": str(model.model.embed_tokens.weight.dtype),
-           "load_s": time.perf_counter() - t0, "weights_bytes": _module_bytes(model),
+           "load_s": time.perf_counter() - t0, "weights_bytes": module_bytes(model),
            # persistent tensors only: what a checkpoint of this format stores
            "weights_bytes_stored": sum(t.numel() * t.element_size() for t in model.state_dict().values()),
            "load_peak_bytes": None, "weights_allocated_bytes": None}
