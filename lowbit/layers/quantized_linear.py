@@ -54,52 +54,60 @@ class PackedLinearMethod(LinearMethod):
             layer.register_buffer(name, torch.empty(shape, dtype=torch.int32 if name in self.int_tensors else dtype))
 
     def after_load(self, layer):
+        self._unpack_into(layer)
+        self._kernel_weight = None
+        if layer.qweight.is_cuda and self._gpu_kernel(layer) is not None:
+            # the kernel holds its own copy of the codes; drop ours (1 byte a weight) and rebuild
+            # them from the checkpoint tensors only if a CPU matmul or dequantize() asks
+            layer.codes_nxk = None
+
+    def _unpack_into(self, layer) -> None:
+        """The compute form as non-persistent buffers: moved by .to(), absent from state_dict (the
+        checkpoint tensors stay the truth). A g_idx equal to column // group is dropped."""
         codes, scales, zeros, g_idx = self.unpack(layer)
         n_groups = scales.shape[1]
         if g_idx is not None:
             if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups):
                 raise LowbitError(f"{self.prefix}.g_idx: group indices must lie in [0, {n_groups}); "
                                   f"found {int(g_idx.min())}..{int(g_idx.max())}")
-            gs = layer.in_features // n_groups
-            natural = torch.arange(layer.in_features, device=g_idx.device) // gs
+            natural = torch.arange(layer.in_features, device=g_idx.device) // (layer.in_features // n_groups)
             g_idx = None if torch.equal(g_idx.long(), natural) else g_idx.long()
-        # non-persistent: moved by .to(), absent from state_dict (the checkpoint tensors stay the truth)
         layer.register_buffer("codes_nxk", codes, persistent=False)
         layer.register_buffer("scales_nxg", scales, persistent=False)
         layer.register_buffer("zeros_nxg", zeros, persistent=False)
         layer.register_buffer("g_idx_k", g_idx, persistent=False)
-        self._kernel_weight = None
 
     def _gpu_kernel(self, layer):
-        """The W4A16 kernel's packed weight, built on first GPU use; None where the kernel is absent
-        or does not take this bit width (it declares SUPPORTED_BITS; 4 when it does not say)."""
+        """The W4A16 kernel's packed weight, built once; None where lowbit.kernels.w4a16 is absent or
+        does not take this bit width (it declares SUPPORTED_BITS; 4 where it does not say).
+        _kernel_weight: None = not tried yet, False = not available."""
         if self._kernel_weight is None:
+            self._kernel_weight = False
             try:
                 from lowbit.kernels import w4a16
             except ImportError:
-                self._kernel_weight = False
                 return None
-            if self.bits not in getattr(w4a16, "SUPPORTED_BITS", (4,)):
-                self._kernel_weight = False
-                return None
-            g_idx = layer.g_idx_k.to(torch.int32) if layer.g_idx_k is not None else None
-            self._kernel_weight = w4a16.pack_w4a16(layer.codes_nxk, layer.scales_nxg, layer.zeros_nxg,
-                                                   self.group_size, g_idx=g_idx, bits=self.bits)
+            if self.bits in getattr(w4a16, "SUPPORTED_BITS", (4,)):
+                g_idx = layer.g_idx_k.to(torch.int32) if layer.g_idx_k is not None else None
+                self._kernel_weight = w4a16.pack_w4a16(layer.codes_nxk, layer.scales_nxg, layer.zeros_nxg,
+                                                       self.group_size, g_idx=g_idx, bits=self.bits)
         return self._kernel_weight or None
 
-    def apply(self, layer, x):
-        if x.is_cuda:
-            kw = self._gpu_kernel(layer)
-            if kw is not None:
-                from lowbit.kernels.w4a16 import w4a16_matmul
+    def _dense(self, layer, dtype) -> torch.Tensor:
+        if layer.codes_nxk is None:
+            self._unpack_into(layer)
+        return dequantize_codes(layer.codes_nxk, layer.scales_nxg, layer.zeros_nxg, layer.g_idx_k, dtype)
 
-                y = w4a16_matmul(x, kw)
-                return y + layer.bias if layer.bias is not None else y
-        w = dequantize_codes(layer.codes_nxk, layer.scales_nxg, layer.zeros_nxg, layer.g_idx_k, x.dtype)
-        return nn.functional.linear(x, w, layer.bias)
+    def apply(self, layer, x):
+        if x.is_cuda and self._gpu_kernel(layer) is not None:
+            from lowbit.kernels.w4a16 import w4a16_matmul
+
+            y = w4a16_matmul(x, self._kernel_weight)
+            return y + layer.bias if layer.bias is not None else y
+        return nn.functional.linear(x, self._dense(layer, x.dtype), layer.bias)
 
     def dequantize(self, layer):
-        return dequantize_codes(layer.codes_nxk, layer.scales_nxg, layer.zeros_nxg, layer.g_idx_k, torch.float32)
+        return self._dense(layer, torch.float32)
 
 
 class AWQLinearMethod(PackedLinearMethod):
