@@ -75,9 +75,12 @@ def _context(cache, sz, table, length, kv_bits, dtype):
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, kv_bits=16, k_scale_zero=None,
-                           v_scale_zero=None, sm_scale=None, sliding_window=None):
+                           v_scale_zero=None, sm_scale=None, sliding_window=None, max_context_len=None):
     CALLS["decode"] = CALLS.get("decode", 0) + 1
     s = q.shape[0]
+    if max_context_len is not None:  # a host-side bound, given only outside a graph
+        CALLS["hinted"] = CALLS.get("hinted", 0) + 1
+        assert max_context_len >= int(context_lens.max()) and not ReplayByRecompute.replaying
     assert q.dim() == 3 and block_tables.dtype == torch.int32 and context_lens.dtype == torch.int32
     assert block_tables.shape[0] == s and context_lens.shape == (s,)
     _check_cache(k_cache, kv_bits, k_scale_zero)
@@ -112,6 +115,7 @@ class ReplayByRecompute(DecodeGraphs):
     """A "graph" that replays by running the step again on the static buffers, as captured."""
 
     replays: dict[int, int] = {}
+    replaying = False
 
     def _capture(self, b):
         meta = self.cache.meta
@@ -119,7 +123,11 @@ class ReplayByRecompute(DecodeGraphs):
         def replay():
             ReplayByRecompute.replays[b] = ReplayByRecompute.replays.get(b, 0) + 1
             self.cache.set_metadata(meta)
-            logits = self.forward(self.input_ids[:b], self.positions[:b])
+            ReplayByRecompute.replaying = True
+            try:
+                logits = self.forward(self.input_ids[:b], self.positions[:b])
+            finally:
+                ReplayByRecompute.replaying = False
             return logits, logits.argmax(-1)
 
         return replay
@@ -152,7 +160,7 @@ def test_kernel_path_and_padded_graph_replay_equal_the_pytorch_path(smol64, prom
     expected = _greedy(_llm(smol64, kv_bits=kv_bits), prompt_ids)
     CALLS.clear()
     assert _greedy(_llm(smol64, STAND_INS, kv_bits=kv_bits), prompt_ids) == expected
-    assert CALLS["write_kv"] and CALLS["decode"] and CALLS["prefill"]
+    assert CALLS["write_kv"] and CALLS["decode"] and CALLS["prefill"] and CALLS["hinted"]
 
     ReplayByRecompute.replays.clear()
     llm = _llm(smol64, STAND_INS, graphs=True, kv_bits=kv_bits, max_batch_size=4)

@@ -10,12 +10,13 @@ with int8/int4 KV.
 
 With kv_bits 8 or 4 the pages hold codes and a (scale, zero) pair per token and head, in the
 format of `lowbit/kernels/kv_quant.py`: quantized on write, dequantized on read. On CUDA the
-Triton kernels of `lowbit/kernels/{paged,prefill}_attention.py` do the writing and attending
-when they are there; anything missing falls back to the PyTorch path below.
+Triton kernels (`lowbit/kernels/kv_write.py`, `paged_attention.py`, `prefill_attention.py`) write
+and attend where they are there; anything missing falls back to the PyTorch path below.
 """
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -53,6 +54,19 @@ class AttentionKernels:
     decode: Callable | None = None
     prefill: Callable | None = None
 
+    def __post_init__(self):
+        # optional host-side bounds a kernel may take, so that it sizes its grid without a device
+        # sync: passed only where its signature names them
+        self.decode_takes_max_len = _takes(self.decode, "max_context_len")
+        self.prefill_takes_max_q = _takes(self.prefill, "max_seqlen_q")
+
+
+def _takes(fn: Callable | None, name: str) -> bool:
+    try:
+        return fn is not None and name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
 
 def load_attention_kernels() -> AttentionKernels:
     """Imports the CUDA kernels lazily; a missing or broken module leaves the PyTorch path."""
@@ -65,7 +79,7 @@ def load_attention_kernels() -> AttentionKernels:
             return None
 
     return AttentionKernels(
-        write_kv=find("paged_attention", "write_kv") or find("prefill_attention", "write_kv"),
+        write_kv=find("kv_write", "write_kv") or find("paged_attention", "write_kv"),
         decode=find("paged_attention", "paged_decode_attention"),
         prefill=find("prefill_attention", "paged_prefill_attention"))
 
@@ -175,8 +189,12 @@ class PagedKVCache:
         m = self.meta
         s = q.shape[0]
         if self.kernels.decode is not None:
+            hint = {}
+            if self.kernels.decode_takes_max_len and m.context_lens_host is not None:  # None inside a CUDA graph
+                hint["max_context_len"] = max(m.context_lens_host[:s])
             return self.kernels.decode(q, self.k[layer], self.v[layer], m.block_tables[:s], m.context_lens[:s],
-                                       kv_bits=self.kv_bits, sliding_window=sliding_window, **self._scale_zero(layer))
+                                       kv_bits=self.kv_bits, sliding_window=sliding_window, **self._scale_zero(layer),
+                                       **hint)
         nb = -(-max(m.context_lens_host[:s]) // self.block_size)
         k, v = self._read(layer, m.block_tables[:s, :nb].long(), q.dtype)  # [S, L, KVH, D]
         ctx = m.context_lens[:s].long()[:, None]
@@ -201,9 +219,10 @@ class PagedKVCache:
         m = self.meta
         nd = m.num_decode
         if self.kernels.prefill is not None and m.prefill_cu_seqlens_q is not None:
+            hint = {"max_seqlen_q": max(m.query_lens[nd:])} if self.kernels.prefill_takes_max_q else {}
             return self.kernels.prefill(q, self.k[layer], self.v[layer], m.block_tables[nd:], m.prefill_cu_seqlens_q,
                                         m.context_lens[nd:], kv_bits=self.kv_bits, sliding_window=sliding_window,
-                                        **self._scale_zero(layer))
+                                        **self._scale_zero(layer), **hint)
         out = torch.empty_like(q)
         start = 0
         for i in range(nd, len(m.query_lens)):
