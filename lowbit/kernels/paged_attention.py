@@ -20,8 +20,11 @@ from lowbit.kernels.kv_tile import check_cache, codes_minus, gather_kv_ref, sz_s
 _TRITON_INTERPRET = interpreting()
 NO_WINDOW = 1 << 30
 
-# tile config; the benchmark's sweep may pass others (the `config` argument)
-DEFAULT_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+# tile config by kv_bits, from the sweep in benchmarks/results/kernels_h100_sweep.json (H100, head_dim
+# 128, batch 1-32, context 8k-32k); the `config` argument overrides it
+DEFAULT_CONFIG = {16: {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+                  8: {"BLOCK_N": 128, "num_warps": 4, "num_stages": 2},
+                  4: {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}}
 
 
 @triton.jit
@@ -186,7 +189,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         return out
     if q.stride(-1) != 1:
         q = q.contiguous()
-    cfg = {**DEFAULT_CONFIG, **(config or {})}
+    cfg = {**DEFAULT_CONFIG[kv_bits], **(config or {})}
     block_n = 16 if interpreting() else cfg["BLOCK_N"]
     qh = n_heads // kvh
     max_ctx = max_context_len or block_tables.shape[1] * bs

@@ -249,8 +249,10 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, pg_ptr, out_ptr, ws_ptr, lock_ptr,
 def _mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, pg_ptr, out_ptr, ws_ptr, lock_ptr,
                M, N, KX, n_blocks, blocks_per_split, split, stride_xm, stride_wr, stride_g,
                CB: tl.constexpr, P: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, U: tl.constexpr,
-               GROUP_M: tl.constexpr, BLOCK_GROUPS: tl.constexpr, PARTIAL: tl.constexpr):
-    # tensor cores: each code plane is a [P, BN] operand against the contiguous x slice of its columns
+               GROUP_M: tl.constexpr, BLOCK_GROUPS: tl.constexpr, PARTIAL: tl.constexpr, WIDE: tl.constexpr):
+    # tensor cores: each code plane is a [P, BN] operand against the contiguous x slice of its columns;
+    # WIDE stacks a block's E planes into one [E * P, BN] operand (row j * P + i is column
+    # b * E * P + j * P + i: plain K order) for one long dot, which suits large tiles
     E: tl.constexpr = 32 // CB
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -275,19 +277,37 @@ def _mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, pg_ptr, out_ptr, ws_ptr, lock_ptr,
             b = tl.minimum(b0 + u, b_end - 1)
             rows = b * P + offs_p
             w = tl.load(w_ptr + rows[:, None] * stride_wr + offs_n[None, :], mask=nmask[None, :], other=0)
-            if BLOCK_GROUPS:
-                S, Z = _plane_scales(s_ptr, z_ptr, pg_ptr, b * E, offs_n, nmask, stride_g, CB)
-            for j in tl.static_range(E):
-                if not BLOCK_GROUPS:
-                    S, Z = _plane_scales(s_ptr, z_ptr, pg_ptr, b * E + j, offs_n, nmask, stride_g, CB)
-                k = (b0 + u) * (E * P) + j * P + offs_p
+            if WIDE:
+                offs_j = tl.arange(0, E)
+                g = tl.load(pg_ptr + b * E + offs_j)  # [E]: each plane's group
+                sz = g[:, None] * stride_g + offs_n[None, :]
+                sc = tl.load(s_ptr + sz, mask=nmask[None, :], other=0.0).to(tl.float32)
+                S = sc * (1 << CB)
+                Z = S + tl.load(z_ptr + sz, mask=nmask[None, :], other=0.0).to(tl.float32) * sc
+                code = (w[None, :, :] >> (offs_j * CB)[:, None, None]) & ((1 << CB) - 1)  # [E, P, BN]
+                f = ((code << (23 - CB)) | 0x3F800000).to(tl.float32, bitcast=True)
+                wt = tl.reshape(f * S[:, None, :] - Z[:, None, :], (E * P, BN))
+                k = (b0 + u) * (E * P) + tl.arange(0, E * P)
                 xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
                              mask=mmask[:, None] & (k < k_end)[None, :], other=0.0)
-                wt = _dequant(w, S[None, :], Z[None, :], j, CB)
                 if _DOT_F32:
                     acc = tl.dot(xt.to(tl.float32), wt, acc)
                 else:
                     acc = tl.dot(xt, wt.to(xt.dtype), acc)
+            else:
+                if BLOCK_GROUPS:
+                    S, Z = _plane_scales(s_ptr, z_ptr, pg_ptr, b * E, offs_n, nmask, stride_g, CB)
+                for j in tl.static_range(E):
+                    if not BLOCK_GROUPS:
+                        S, Z = _plane_scales(s_ptr, z_ptr, pg_ptr, b * E + j, offs_n, nmask, stride_g, CB)
+                    k = (b0 + u) * (E * P) + j * P + offs_p
+                    xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
+                                 mask=mmask[:, None] & (k < k_end)[None, :], other=0.0)
+                    wt = _dequant(w, S[None, :], Z[None, :], j, CB)
+                    if _DOT_F32:
+                        acc = tl.dot(xt.to(tl.float32), wt, acc)
+                    else:
+                        acc = tl.dot(xt, wt.to(xt.dtype), acc)
     offs_o = offs_m[:, None] * N + offs_n[None, :]
     omask = mmask[:, None] & nmask[None, :]
     _finish(acc, out_ptr, ws_ptr, lock_ptr, pid, pid_s, split, offs_o, omask, M * N, PARTIAL)
@@ -319,9 +339,10 @@ class Config(NamedTuple):
     BM: int = 16
     BN: int = 64
     U: int = 1  # blocks (E planes each) per loop iteration
-    split: int = 1  # K splits (second grid axis); > 1 adds the fp32 reduction kernel
+    split: int = 1  # K splits (second grid axis); > 1: the last split of a tile sums the partials
     warps: int = 4
     stages: int = 3
+    wide: bool = False  # mm: one [E * P, BN] operand and one K = E * P dot per block, not E dots
 
 
 def _fill_split(programs: int, n_blocks: int, sms: int) -> int:
@@ -350,19 +371,26 @@ def _candidates(m: int, n: int, w: W4A16Weight, device: torch.device) -> list[Co
     if m == 1:
         for bn, u, warps in ((64, 2, 4), (128, 1, 4), (256, 1, 8), (32, 2, 4)):
             out += with_splits("gemv", 1, bn, u, warps, 3)
+        # small unpipelined programs, many of them: latency hidden by occupancy, not by cp.async
+        for bn, warps in ((128, 2), (256, 4)):
+            fill = _fill_split(cdiv(n, bn), nb, 2 * sms)
+            out += [Config("gemv", 1, bn, 1, fill, warps, 1), Config("gemv", 1, bn, 1, 2 * fill, warps, 1)]
     if m <= 16:
         for bn, u in ((64, 2), (128, 1), (32, 2), (64, 1)):
             out += with_splits("mm", 16, bn, u, 4, 3)
     elif m <= 64:
         for bm, bn in ((32, 64), (64, 64), (64, 128), (32, 128)):
             out += with_splits("mm", bm, bn, 1, 4, 3)
+        out += [c._replace(wide=True) for c in with_splits("mm", 64, 128, 1, 4, 3)]
     else:
         for bm, bn, warps, stages in ((128, 128, 8, 3), (128, 128, 4, 3), (64, 128, 4, 4),
                                       (128, 256, 8, 3), (64, 256, 8, 3)):
             out += with_splits("mm", bm, bn, 1, warps, stages)
+        for bm, bn, warps, stages in ((128, 128, 8, 3), (128, 128, 4, 3), (128, 256, 8, 3), (64, 128, 4, 3)):
+            out += [c._replace(wide=True) for c in with_splits("mm", bm, bn, 1, warps, stages)]
         if m >= 256:
             out.append(Config("dq", BN=128))
-    return out
+    return list(dict.fromkeys(out))
 
 
 def _launch(cfg: Config, x2: torch.Tensor, w: W4A16Weight, out: torch.Tensor) -> None:
@@ -393,7 +421,7 @@ def _launch(cfg: Config, x2: torch.Tensor, w: W4A16Weight, out: torch.Tensor) ->
         _mm_kernel[(tiles, split)](
             x2, qw, s, z, pg, out, ws, w.locks, m, n, kx, nb, bps, split, x2.stride(0), qw.stride(0), s.stride(0),
             CB=cb, P=PLANE, BM=cfg.BM, BN=cfg.BN, U=cfg.U, GROUP_M=8, BLOCK_GROUPS=w.block_uniform_groups,
-            PARTIAL=partial, num_warps=cfg.warps, num_stages=cfg.stages)
+            PARTIAL=partial, WIDE=cfg.wide, num_warps=cfg.warps, num_stages=cfg.stages)
 
 
 def tune_key(m: int, w: W4A16Weight, dtype: torch.dtype) -> tuple:
