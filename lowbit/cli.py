@@ -298,24 +298,27 @@ def bench_memory(model: str = typer.Argument("default", help=MODEL_HELP), dummy_
 @bench_app.command("serve")
 def bench_serve(url: str = typer.Option("http://127.0.0.1:23333", "--url", help="a running `lowbit serve`"),
                 num_prompts: int = typer.Option(32, "--num-prompts", min=1),
-                concurrency: int = typer.Option(8, "--concurrency", min=1, help="requests in flight at once"),
+                concurrency: Optional[int] = typer.Option(None, "--concurrency", min=1,
+                                                          help="requests in flight at once (default 8)"),
                 request_rate: Optional[float] = typer.Option(None, "--request-rate", min=0.001,
-                                                             help="Poisson arrivals per second (instead of --concurrency)"),
+                                                             help="Poisson arrivals per second instead"),
                 max_tokens: int = typer.Option(64, "--max-tokens", min=1),
-                dataset: str = typer.Option("tinyshakespeare", help="corpus the prompts are drawn from"),
+                dataset: str = typer.Option("tinyshakespeare", help="corpus the prompts are drawn from, or synthetic"),
                 seed: int = typer.Option(0),
                 api_key: Optional[str] = typer.Option(None, "--api-key"),
-                out: Path = typer.Option(Path("bench-results"), "--out", help="folder for the JSON")):
+                out: Path = typer.Option(Path("bench-results"), "--out", help="folder for bench_serve.json/.png")):
     """Request throughput, time to first token and inter-token latency of a running server."""
     from lowbit.bench.common import write_json
-    from lowbit.serve.bench_client import bench_serve as run_bench
+    from lowbit.bench.plots import try_plot
+    from lowbit.serve.bench_client import bench_serve as run_bench, plot_serve
 
     rec = run_bench(url, num_prompts, concurrency, request_rate, max_tokens, dataset, seed, api_key)
-    path = write_json(out, "bench_serve", rec)
+    rec["png"] = try_plot(plot_serve, rec, out / "bench_serve.png", log=lambda line: typer.echo(line, err=True))
+    rec["json"] = str(write_json(out, "bench_serve", rec))
     typer.echo(f"{rec['completed']}/{num_prompts} requests in {rec['duration_s']:.1f}s: {rec['requests_per_s']:.2f} req/s, "
-               f"{rec['output_tokens_per_s']:.1f} output tok/s, TTFT p50 {rec['ttft_ms']['p50']:.0f} ms, "
+               f"{rec['output_tokens_per_s']:.1f} output tok/s, TTFT p50 {rec['ttft_ms']['p50'] or 0:.0f} ms, "
                f"ITL p50 {rec['itl_ms']['p50'] or 0:.1f} ms")
-    typer.echo(f"wrote {path}")
+    _wrote(rec)
     if rec["failed"]:
         raise LowbitError(f"{rec['failed']} of {num_prompts} requests failed: {'; '.join(rec['errors'])}")
 

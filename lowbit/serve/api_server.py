@@ -1,162 +1,53 @@
-"""An OpenAI-compatible HTTP server over one AsyncEngine (continuous batching across requests).
+"""The OpenAI-compatible HTTP routes over one OpenAIServer, and `serve` to run them with uvicorn.
 
 Routes: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health,
 GET /metrics (Prometheus text), and with `ui=True` the chat page at /. Every error is answered in
 OpenAI's shape, {"error": {"message", "type", "param", "code"}}; a bad request is refused before
-it reaches the engine, so it never disturbs the others. A streaming client that goes away closes
-its output iterator, which aborts its sequence and frees its cache blocks.
+it reaches the engine, so it never disturbs the others.
 """
 from __future__ import annotations
 
-import asyncio
+import contextlib
+import hmac
 import time
 import uuid
-from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from lowbit.engine.sampling_params import SamplingParams
 from lowbit.errors import LowbitError
 from lowbit.serve.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse
 from lowbit.serve.responses import (chat_chunk, chat_logprobs, chat_response, completion_chunk, completion_logprobs,
                                     completion_response, sse, usage)
+from lowbit.serve.serving import OpenAIServer
 
 STATIC = Path(__file__).resolve().parent / "static"
+CLIENT_CLOSED = 499  # nginx's status for "the client went away"; nobody reads it
 
 
-@dataclass
-class ServerStats:
-    """Counters for /metrics; touched only on the event loop."""
+class RequireAPIKey:
+    """Answers a /v1/ request without 'Authorization: Bearer KEY' with 401 before its body is read.
+    Plain ASGI rather than FastAPI's @middleware, which runs the response in a task of its own and
+    gets in the way of noticing a client that left mid-stream."""
 
-    started: float = field(default_factory=time.time)
-    requests_total: dict = field(default_factory=dict)  # finish reason -> count
-    prompt_tokens_total: int = 0
-    generation_tokens_total: int = 0
-    recent: deque = field(default_factory=deque)  # (time, tokens) over the last RATE_WINDOW_S
+    def __init__(self, app, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
 
-    RATE_WINDOW_S = 10.0
-
-    def add_tokens(self, n: int) -> None:
-        now = time.time()
-        self.generation_tokens_total += n
-        self.recent.append((now, n))
-        while self.recent and self.recent[0][0] < now - self.RATE_WINDOW_S:
-            self.recent.popleft()
-
-    def tokens_per_s(self) -> float:
-        now = time.time()
-        return sum(n for t, n in self.recent if t >= now - self.RATE_WINDOW_S) / self.RATE_WINDOW_S
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            got = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(got, self.expected):
+                why = "no API key given" if not got else "the API key is not valid"
+                body = ErrorResponse(401, f"{why}: send 'Authorization: Bearer <key>'", type_="authentication_error",
+                                     code="invalid_api_key").body()
+                await JSONResponse(body, status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
-class OpenAIServer:
-    def __init__(self, async_engine, tokenizer, model_name: str, api_key: str | None = None,
-                 max_waiting: int = 256, aliases: tuple[str, ...] = ()):
-        self.engine = async_engine
-        self.tokenizer = tokenizer
-        self.model_name = model_name
-        self.names = {model_name, *aliases}
-        self.api_key = api_key
-        self.max_waiting = max_waiting
-        self.max_model_len = async_engine.engine.config.max_model_len
-        self.stats = ServerStats()
-
-    # -- checks ------------------------------------------------------------------------------
-    def check_model(self, name: str) -> None:
-        if name not in self.names:
-            raise ErrorResponse(404, f"model {name!r} does not exist; this server serves {self.model_name!r}",
-                                param="model", code="model_not_found")
-
-    def check_load(self) -> None:
-        sched = self.engine.engine.scheduler
-        if len(sched.waiting) >= self.max_waiting:
-            raise ErrorResponse(429, f"server overloaded: {len(sched.waiting)} requests already waiting "
-                                     f"(--max-waiting {self.max_waiting}); retry later", type_="rate_limit_error")
-
-    def params_for(self, req, prompt_len: int, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        room = self.max_model_len - prompt_len
-        if room < 1:
-            raise ErrorResponse(400, f"the prompt has {prompt_len} tokens; this model's context is "
-                                     f"{self.max_model_len} tokens, which leaves no room for an answer",
-                                param="messages", code="context_length_exceeded")
-        if max_tokens is not None and max_tokens > room:
-            raise ErrorResponse(400, f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = "
-                                     f"{prompt_len + max_tokens} exceeds the context of {self.max_model_len} tokens",
-                                param="max_tokens", code="context_length_exceeded")
-        try:
-            return SamplingParams(max_tokens=max_tokens or room, temperature=req.temperature, top_p=req.top_p,
-                                  seed=req.seed, stop=req.stop_list(), presence_penalty=req.presence_penalty,
-                                  frequency_penalty=req.frequency_penalty, logprobs=logprobs)
-        except LowbitError as e:
-            raise ErrorResponse(400, str(e)) from None
-
-    # -- running requests --------------------------------------------------------------------
-    def submit(self, prompt_ids: list[int], params: SamplingParams, n: int) -> list[AsyncIterator]:
-        """n independent samples of one prompt; with a seed, sample i uses seed + i."""
-        streams = []
-        for i in range(n):
-            p = params
-            if n > 1 and params.seed is not None:
-                p = SamplingParams(**{**params.__dict__, "seed": params.seed + i})
-            try:
-                streams.append(self.engine.add_request(list(prompt_ids), p, f"req-{uuid.uuid4().hex}"))
-            except LowbitError as e:
-                raise ErrorResponse(400, str(e)) from None
-        self.stats.prompt_tokens_total += len(prompt_ids) * n
-        return streams
-
-    async def final_outputs(self, streams: list[AsyncIterator]) -> list:
-        async def last(stream):
-            out = None
-            async for out in stream:
-                self.stats.add_tokens(len(out.delta_token_ids))
-            return out
-
-        outs = await asyncio.gather(*(last(s) for s in streams))
-        for out in outs:
-            self.finished(out)
-        return outs
-
-    def finished(self, out) -> None:
-        if out.finish_reason == "error":
-            raise ErrorResponse(500, str(out.error or "generation failed"), type_="server_error")
-        self.stats.requests_total[out.finish_reason] = self.stats.requests_total.get(out.finish_reason, 0) + 1
-
-    async def merged(self, streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
-        """(choice index, output) from all n streams as they come; closing this closes them all."""
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(i, stream):
-            try:
-                async for out in stream:
-                    await queue.put((i, out))
-            finally:
-                await queue.put((i, None))
-
-        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-        try:
-            done = 0
-            while done < len(streams):
-                i, out = await queue.get()
-                if out is None:
-                    done += 1
-                    continue
-                self.stats.add_tokens(len(out.delta_token_ids))
-                yield i, out
-        finally:
-            for t, s in zip(tasks, streams):
-                t.cancel()
-                await s.aclose()  # aborts a request still running (client gone)
-
-
-def build_app(server: OpenAIServer, ui: bool = False) -> FastAPI:
-    app = FastAPI(title="lowbit", docs_url=None, redoc_url=None)
-    tok = server.tokenizer
-
+def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ErrorResponse)
     async def _error(_req, e: ErrorResponse):
         return JSONResponse(e.body(), status_code=e.status)
@@ -184,143 +75,116 @@ def build_app(server: OpenAIServer, ui: bool = False) -> FastAPI:
         return JSONResponse(ErrorResponse(405, f"{req.method} is not allowed on {req.url.path}").body(),
                             status_code=405)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if server.api_key and request.url.path.startswith("/v1/"):
-            got = request.headers.get("authorization", "")
-            if got != f"Bearer {server.api_key}":
-                why = "no API key given" if not got else "the API key is not valid"
-                return JSONResponse(ErrorResponse(401, f"{why}: send 'Authorization: Bearer <key>'",
-                                                  type_="authentication_error", code="invalid_api_key").body(),
-                                    status_code=401)
-        return await call_next(request)
+
+def _check_stream_options(req) -> bool:
+    if req.stream_options is not None and not req.stream:
+        raise ErrorResponse(400, "stream_options is only allowed with stream: true", param="stream_options")
+    return bool(req.stream_options and req.stream_options.include_usage)
+
+
+def build_app(server: OpenAIServer, ui: bool = False) -> FastAPI:
+    app = FastAPI(title="lowbit", docs_url=None, redoc_url=None)
+    _error_handlers(app)
+    if server.api_key:
+        app.add_middleware(RequireAPIKey, api_key=server.api_key)
+    tok = server.tokenizer
+    name = server.model_name
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": server.model_name}
+        return {"status": "ok", "model": name}
 
     @app.get("/metrics")
     async def metrics():
-        sched = server.engine.engine.scheduler
-        bm = server.engine.engine.block_manager
-        s = server.stats
-        lines = [
-            ("lowbit_requests_running", "gauge", "sequences in the running batch", len(sched.running)),
-            ("lowbit_requests_waiting", "gauge", "sequences waiting to be scheduled", len(sched.waiting)),
-            ("lowbit_kv_blocks_used", "gauge", "KV cache blocks in use", bm.num_blocks - bm.num_free_blocks),
-            ("lowbit_kv_blocks_total", "gauge", "KV cache blocks allocated", bm.num_blocks),
-            ("lowbit_prompt_tokens_total", "counter", "prompt tokens submitted", s.prompt_tokens_total),
-            ("lowbit_generation_tokens_total", "counter", "tokens generated", s.generation_tokens_total),
-            ("lowbit_generation_tokens_per_second", "gauge", f"tokens generated per second over the last "
-                                                             f"{s.RATE_WINDOW_S:.0f}s", round(s.tokens_per_s(), 3)),
-        ]
-        out = []
-        for name, kind, help_, value in lines:
-            out += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
-        out += ["# HELP lowbit_requests_finished_total requests finished, by reason",
-                "# TYPE lowbit_requests_finished_total counter"]
-        out += [f'lowbit_requests_finished_total{{reason="{r}"}} {n}' for r, n in sorted(s.requests_total.items())]
-        return PlainTextResponse("\n".join(out) + "\n", media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(server.metrics_text(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": int(server.stats.started),
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": int(server.stats.started),
                                             "owned_by": "lowbit", "max_model_len": server.max_model_len}]}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest):
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
         server.check_model(req.model)
-        server.check_load()
+        include_usage = _check_stream_options(req)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise ErrorResponse(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        server.check_load(req.n)
         try:
             prompt_ids = tok.encode_chat([{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                                           for m in req.messages])
         except LowbitError as e:
             raise ErrorResponse(400, f"messages: {e}", param="messages") from None
         n_logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        if req.top_logprobs is not None and not req.logprobs:
-            raise ErrorResponse(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         params = server.params_for(req, len(prompt_ids), req.max_completion_tokens or req.max_tokens, n_logprobs)
-        streams = server.submit(prompt_ids, params, req.n)
+        sub = server.submit(prompt_ids, params, req.n)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if not req.stream:
-            outs = await server.final_outputs(streams)
-            return chat_response(rid, created, server.model_name, outs, len(prompt_ids), tok, req.logprobs)
-
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            outs = await server.final_outputs(sub, request)
+            if outs is None:
+                return Response(status_code=CLIENT_CLOSED)
+            _raise_failed(outs)
+            return chat_response(rid, created, name, outs, len(prompt_ids), tok, req.logprobs)
 
         async def events():
             for i in range(req.n):
-                yield sse(chat_chunk(rid, created, server.model_name, i, {"role": "assistant", "content": ""}))
+                yield sse(chat_chunk(rid, created, name, i, {"role": "assistant", "content": ""}))
             completion_tokens = 0
-            async for i, out in server.merged(streams):
-                lp = chat_logprobs(out, tok, out.delta_token_ids) if req.logprobs else None
-                if out.delta_text or lp:
-                    yield sse(chat_chunk(rid, created, server.model_name, i, {"content": out.delta_text}, logprobs=lp))
-                if out.finished:
-                    completion_tokens += len(out.token_ids)
-                    if out.finish_reason == "error":
-                        yield sse(ErrorResponse(500, str(out.error), type_="server_error").body())
-                        continue
-                    server.finished(out)
-                    yield sse(chat_chunk(rid, created, server.model_name, i, {}, finish=out.finish_reason))
+            async with contextlib.aclosing(server.merged(sub)) as outputs:
+                async for i, out in outputs:
+                    lp = chat_logprobs(out, tok, out.delta_token_ids) if req.logprobs else None
+                    if out.delta_text or lp:
+                        yield sse(chat_chunk(rid, created, name, i, {"content": out.delta_text}, logprobs=lp))
+                    if out.finished:
+                        completion_tokens += len(out.token_ids)
+                        if out.finish_reason == "error":
+                            yield sse(ErrorResponse(500, str(out.error), type_="server_error").body())
+                        else:
+                            yield sse(chat_chunk(rid, created, name, i, {}, finish=out.finish_reason))
             if include_usage:
-                yield sse({"id": rid, "object": "chat.completion.chunk", "created": created,
-                           "model": server.model_name, "choices": [],
-                           "usage": usage(len(prompt_ids) * req.n, completion_tokens)})
+                yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
+                           "choices": [], "usage": usage(len(prompt_ids) * req.n, completion_tokens)})
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         server.check_model(req.model)
-        server.check_load()
-        p = req.prompt
-        if isinstance(p, list) and p and isinstance(p[0], str):
-            if len(p) != 1:
-                raise ErrorResponse(400, "prompt: a list of several strings is not supported; send one prompt a "
-                                         "request", param="prompt")
-            p = p[0]
-        if isinstance(p, str):
-            prompt_ids = tok.encode(p)
-            prompt_text = p
-        else:
-            vocab = tok.vocab_size
-            if not p or not all(0 <= t < vocab for t in p):
-                raise ErrorResponse(400, f"prompt: token ids must be a non-empty list of integers in [0, {vocab})",
-                                    param="prompt")
-            prompt_ids, prompt_text = list(p), tok.decode(list(p), skip_special_tokens=False)
-        if not prompt_ids:
-            raise ErrorResponse(400, "prompt: empty", param="prompt")
+        include_usage = _check_stream_options(req)
+        server.check_load(req.n)
+        prompt_ids, prompt_text = _completion_prompt(req.prompt, tok)
         params = server.params_for(req, len(prompt_ids), req.max_tokens, req.logprobs)
-        streams = server.submit(prompt_ids, params, req.n)
+        sub = server.submit(prompt_ids, params, req.n)
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         echo = prompt_text if req.echo else ""
         if not req.stream:
-            outs = await server.final_outputs(streams)
-            return completion_response(rid, created, server.model_name, outs, len(prompt_ids), tok,
-                                       req.logprobs is not None, echo)
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            outs = await server.final_outputs(sub, request)
+            if outs is None:
+                return Response(status_code=CLIENT_CLOSED)
+            _raise_failed(outs)
+            return completion_response(rid, created, name, outs, len(prompt_ids), tok, req.logprobs is not None, echo)
 
         async def events():
             completion_tokens = 0
-            sent_echo = set()
-            async for i, out in server.merged(streams):
-                text = out.delta_text
-                if echo and i not in sent_echo:
-                    text, _ = echo + text, sent_echo.add(i)
-                lp = completion_logprobs(out, tok, out.delta_token_ids) if req.logprobs is not None else None
-                if text or lp:
-                    yield sse(completion_chunk(rid, created, server.model_name, i, text, None, lp))
-                if out.finished:
-                    completion_tokens += len(out.token_ids)
-                    if out.finish_reason == "error":
-                        yield sse(ErrorResponse(500, str(out.error), type_="server_error").body())
-                        continue
-                    server.finished(out)
-                    yield sse(completion_chunk(rid, created, server.model_name, i, "", out.finish_reason, None))
+            echoed = set()
+            async with contextlib.aclosing(server.merged(sub)) as outputs:
+                async for i, out in outputs:
+                    text = out.delta_text
+                    if echo and i not in echoed:
+                        text = echo + text
+                        echoed.add(i)
+                    lp = completion_logprobs(out, tok, out.delta_token_ids) if req.logprobs is not None else None
+                    if text or lp:
+                        yield sse(completion_chunk(rid, created, name, i, text, None, lp))
+                    if out.finished:
+                        completion_tokens += len(out.token_ids)
+                        if out.finish_reason == "error":
+                            yield sse(ErrorResponse(500, str(out.error), type_="server_error").body())
+                        else:
+                            yield sse(completion_chunk(rid, created, name, i, "", out.finish_reason, None))
             if include_usage:
-                yield sse({"id": rid, "object": "text_completion", "created": created, "model": server.model_name,
+                yield sse({"id": rid, "object": "text_completion", "created": created, "model": name,
                            "choices": [], "usage": usage(len(prompt_ids) * req.n, completion_tokens)})
             yield "data: [DONE]\n\n"
 
@@ -329,11 +193,48 @@ def build_app(server: OpenAIServer, ui: bool = False) -> FastAPI:
     @app.get("/")
     async def index():
         if not ui:
-            return {"lowbit": "OpenAI-compatible API under /v1", "model": server.model_name,
+            return {"lowbit": "OpenAI-compatible API under /v1", "model": name,
                     "ui": "start with --ui for the chat page"}
         return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
 
     return app
+
+
+def _raise_failed(outs) -> None:
+    for out in outs:
+        if out.finish_reason == "error":
+            raise ErrorResponse(500, str(out.error or "generation failed"), type_="server_error")
+
+
+def _completion_prompt(p, tok) -> tuple[list[int], str]:
+    """The completions API's prompt (a string, a one-string list or token ids) -> (ids, text)."""
+    if isinstance(p, list) and p and isinstance(p[0], str):
+        if len(p) != 1:
+            raise ErrorResponse(400, "prompt: a list of several strings is not supported; send one prompt a request",
+                                param="prompt")
+        p = p[0]
+    if isinstance(p, str):
+        ids, text = tok.encode(p), p
+    else:
+        vocab = tok.vocab_size
+        if not p or not all(0 <= t < vocab for t in p):
+            raise ErrorResponse(400, f"prompt: token ids must be a non-empty list of integers in [0, {vocab})",
+                                param="prompt")
+        ids, text = list(p), tok.decode(list(p), skip_special_tokens=False)
+    if not ids:
+        raise ErrorResponse(400, "prompt: empty", param="prompt")
+    return ids, text
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            s.bind((host, port))
+    except OSError as e:
+        raise LowbitError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port or --host") from None
 
 
 def serve(model: str = "default", host: str = "127.0.0.1", port: int = 23333, kv_bits: int = 16,
@@ -345,14 +246,15 @@ def serve(model: str = "default", host: str = "127.0.0.1", port: int = 23333, kv
     from lowbit.engine.llm import LLM
     from lowbit.models.default import resolve_model
 
+    _check_port_free(host, port)  # before the model loads, not after
     path = resolve_model(model)
-    llm = LLM(model, kv_bits=kv_bits, max_batch_size=max_batch_size, max_model_len=max_model_len, dtype=dtype,
+    llm = LLM(path, kv_bits=kv_bits, max_batch_size=max_batch_size, max_model_len=max_model_len, dtype=dtype,
               device=device)
     name = served_model_name or (path.stem if path.is_file() else path.name)
     server = OpenAIServer(llm.async_engine, llm.tokenizer, name, api_key, max_waiting, aliases=(model,))
     app = build_app(server, ui)
-    print(f"lowbit serve: {name} on http://{host}:{port}/v1 (max_model_len {server.max_model_len}, kv_bits {kv_bits})"
-          + (f"; chat page at http://{host}:{port}/" if ui else ""), flush=True)
+    print(f"lowbit serve: {name} on http://{host}:{port}/v1 (max_model_len {server.max_model_len}, kv_bits {kv_bits}, "
+          f"max_batch_size {max_batch_size})" + (f"; chat page at http://{host}:{port}/" if ui else ""), flush=True)
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
