@@ -3,11 +3,9 @@ PyTorch stand-ins that check what they are given, and decode "graphs" that repla
 on the static buffers, so the padding, the scratch block and the buffer refills are exercised
 exactly as on the GPU. Only the capture itself (torch.cuda.CUDAGraph) needs a device.
 
-Runs on an fp64 copy of the default model, so that the stand-ins' different summation order
-cannot move an int8 KV code (see test_engine_kv_quant.py).
+Runs on the tiny dummy preset in fp64: what is checked is the plumbing, and in fp64 the stand-ins'
+different summation order cannot move an int8 KV code (see test_engine_kv_quant.py).
 """
-import copy
-
 import pytest
 import torch
 
@@ -17,24 +15,22 @@ from lowbit.engine.sampling_params import SamplingParams
 from lowbit.kernels.kv_quant import dequantize_kv_ref, quantize_kv_ref
 from lowbit.layers.attention import gqa_attention
 from lowbit.layers.paged_kv_cache import AttentionKernels
+from lowbit.models.presets import build_dummy_model
 
-PROMPTS = [
-    "Once upon a time, in a land far away, there lived a young girl who loved to read books about",
-    "1, 2, 3, 4,",
-    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
-]
 MAX_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
-def smol64(smol):
-    model, tok, ckpt = smol
-    return copy.deepcopy(model).double(), tok, ckpt
+def tiny64():
+    """The tiny preset in fp64."""
+    model, tok, ckpt = build_dummy_model("tiny", dtype="fp32", device="cpu", seed=1)
+    return model.double(), tok, ckpt
 
 
 @pytest.fixture(scope="module")
-def prompt_ids(smol):
-    return [smol[1].encode(p) for p in PROMPTS]
+def prompt_ids():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 512, (n,), generator=g).tolist() for n in (22, 11, 18)]
 
 
 # -- stand-ins with the kernels' exact signatures -------------------------------------------------
@@ -146,7 +142,7 @@ def _llm(triple, kernels=None, graphs=False, **kw):
 
 
 def _greedy(llm, prompts):
-    return [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS))]
+    return [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))]
 
 
 def test_graph_batch_sizes():
@@ -156,23 +152,23 @@ def test_graph_batch_sizes():
 
 
 @pytest.mark.parametrize("kv_bits", [16, 8])
-def test_kernel_path_and_padded_graph_replay_equal_the_pytorch_path(smol64, prompt_ids, kv_bits):
-    expected = _greedy(_llm(smol64, kv_bits=kv_bits), prompt_ids)
+def test_kernel_path_and_padded_graph_replay_equal_the_pytorch_path(tiny64, prompt_ids, kv_bits):
+    expected = _greedy(_llm(tiny64, kv_bits=kv_bits), prompt_ids)
     CALLS.clear()
-    assert _greedy(_llm(smol64, STAND_INS, kv_bits=kv_bits), prompt_ids) == expected
+    assert _greedy(_llm(tiny64, STAND_INS, kv_bits=kv_bits), prompt_ids) == expected
     assert CALLS["write_kv"] and CALLS["decode"] and CALLS["prefill"] and CALLS["hinted"]
 
     ReplayByRecompute.replays.clear()
-    llm = _llm(smol64, STAND_INS, graphs=True, kv_bits=kv_bits, max_batch_size=4)
+    llm = _llm(tiny64, STAND_INS, graphs=True, kv_bits=kv_bits, max_batch_size=4)
     assert llm.engine.runner.graphs.sizes == [1, 2, 4]
     assert _greedy(llm, prompt_ids) == expected
     assert ReplayByRecompute.replays.get(4)  # three sequences ran in the graph of four, padded
     assert _greedy(llm, prompt_ids[:1]) == expected[:1] and ReplayByRecompute.replays.get(1)
 
 
-def test_graph_replay_with_preemption_and_the_scratch_block(smol64, prompt_ids):
-    expected = _greedy(_llm(smol64), prompt_ids)
-    llm = _llm(smol64, STAND_INS, graphs=True, block_size=4, num_kv_blocks=16, max_batch_size=4)
+def test_graph_replay_with_preemption_and_the_scratch_block(tiny64, prompt_ids):
+    expected = _greedy(_llm(tiny64), prompt_ids)
+    llm = _llm(tiny64, STAND_INS, graphs=True, block_size=4, num_kv_blocks=16, max_batch_size=4)
     runner = llm.engine.runner
     # the padding rows' block is the cache's last, which the block manager never hands out
     assert runner.cache.num_blocks == llm.engine.block_manager.num_blocks + 1 == runner.scratch_block + 1
