@@ -65,6 +65,11 @@ def _error_handlers(app: FastAPI) -> None:
                             for er in errs[:5])
         return JSONResponse(ErrorResponse(400, msg, param=where or None).body(), status_code=400)
 
+    @app.exception_handler(Exception)
+    async def _bug(_req, e: Exception):  # logged with its traceback by uvicorn; the client still gets JSON
+        return JSONResponse(ErrorResponse(500, f"internal error: {type(e).__name__}: {e}", type_="server_error").body(),
+                            status_code=500)
+
     @app.exception_handler(404)
     async def _not_found(req: Request, _e):
         return JSONResponse(ErrorResponse(404, f"no route {req.method} {req.url.path}", code="not_found").body(),
