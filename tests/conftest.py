@@ -38,3 +38,19 @@ def run_cli(*args: str, timeout: float = 600, **kw) -> subprocess.CompletedProce
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "-m", "lowbit.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, **kw)
+
+
+# Engine tests' prompts: a short fact, a long story start, a sequence, code, a question.
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, in a land far away, there lived a young girl who loved to read books about",
+    "1, 2, 3, 4,",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "Water boils at a temperature of",
+]
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(smol):
+    """PROMPTS as token ids of the default model."""
+    return [smol[1].encode(p) for p in PROMPTS]

@@ -10,6 +10,7 @@ step is 1/15 of the token's range, enough to change a later greedy token; in fp6
 import copy
 
 import pytest
+
 import torch
 
 from lowbit.engine.llm import LLM
@@ -20,18 +21,6 @@ from lowbit.layers.attention import gqa_attention
 from lowbit.layers.paged_kv_cache import PagedAttentionMetadata, PagedKVCache
 
 MAX_TOKENS = 10
-PROMPTS = [
-    "The capital of France is",
-    "Once upon a time, in a land far away, there lived a young girl who loved to read books about",
-    "1, 2, 3, 4,",
-    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
-    "Water boils at a temperature of",
-]
-
-
-@pytest.fixture(scope="module")
-def prompt_ids(smol):
-    return [smol[1].encode(p) for p in PROMPTS]
 
 
 @pytest.fixture(scope="module")

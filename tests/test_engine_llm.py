@@ -4,25 +4,13 @@ import asyncio
 
 import pytest
 
+
 from lowbit.engine.generator import generate_ids
 from lowbit.engine.llm import LLM
 from lowbit.engine.sampling_params import SamplingParams
 from lowbit.layers.sampler import SamplingOptions
 
 MAX_TOKENS = 10
-PROMPTS = [
-    "The capital of France is",
-    "Once upon a time, in a land far away, there lived a young girl who loved to read books about",
-    "1, 2, 3, 4,",
-    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
-    "Water boils at a temperature of",
-]
-
-
-@pytest.fixture(scope="module")
-def prompt_ids(smol):
-    _, tok, _ = smol
-    return [tok.encode(p) for p in PROMPTS]
 
 
 @pytest.fixture(scope="module")
