@@ -10,7 +10,6 @@ step is 1/15 of the token's range, enough to change a later greedy token; in fp6
 import copy
 
 import pytest
-
 import torch
 
 from lowbit.engine.llm import LLM

@@ -4,7 +4,6 @@ import asyncio
 
 import pytest
 
-
 from lowbit.engine.generator import generate_ids
 from lowbit.engine.llm import LLM
 from lowbit.engine.sampling_params import SamplingParams
