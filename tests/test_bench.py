@@ -29,6 +29,10 @@ def test_bench_generate_writes_latency_percentiles_and_throughput(tmp_path):
     assert rec["model"] == "tiny dummy W4A16 g128" and [run["kv_bits"] for run in rec["runs"]] == [16, 8]
     for run in rec["runs"]:
         assert "error" not in run and run["engine"]["cuda_graphs"] == "off: CPU"
+        kv_write = "torch index_copy_" if run["kv_bits"] == 16 else "torch quantize_kv_ref + index_copy_"
+        assert run["engine"]["kernels"] == {  # what ran on the CPU: the PyTorch paths
+            "linear": {"awq": "torch dequantize + F.linear", "dense": "torch F.linear"}, "kv_write": kv_write,
+            "attention_decode": "torch sdpa (padded batch)", "attention_prefill": "torch sdpa (per sequence)"}
         assert [res["concurrency"] for res in run["results"]] == [1, 3]
         for res in run["results"]:
             c = res["concurrency"]
@@ -47,6 +51,7 @@ def test_bench_throughput_falls_back_to_synthetic_lengths(tmp_path):
     rec = _record(tmp_path, "throughput")
     res = rec["result"]
     assert rec["synthetic"] and "seed 0" in rec["dataset"]
+    assert rec["engine"]["kernels"]["linear"] == {"dense": "torch F.linear"}
     assert res["completed"] == 12 and res["failed"] == 0
     assert 4 * 12 <= res["output_tokens"] <= 12 * 12  # lengths drawn from 8 +- 50%
     assert res["total_tokens_per_s"] > res["output_tokens_per_s"] > 0

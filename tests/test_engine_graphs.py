@@ -15,7 +15,7 @@ from lowbit.engine.sampling_params import SamplingParams
 from lowbit.kernels.kv_quant import dequantize_kv_ref, quantize_kv_ref
 from lowbit.layers.attention import gqa_attention
 from lowbit.layers.paged_kv_cache import AttentionKernels
-from lowbit.models.presets import build_dummy_model
+from lowbit.loading.dummy import build_dummy_model
 
 MAX_TOKENS = 8
 
@@ -90,10 +90,12 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, k
 
 
 def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, *, kv_bits=16,
-                            k_scale_zero=None, v_scale_zero=None, sm_scale=None, sliding_window=None):
+                            k_scale_zero=None, v_scale_zero=None, sm_scale=None, sliding_window=None,
+                            max_seqlen_q=None):
     CALLS["prefill"] = CALLS.get("prefill", 0) + 1
     s = context_lens.shape[0]
     assert cu_seqlens_q.dtype == torch.int32 and cu_seqlens_q.shape == (s + 1,) and int(cu_seqlens_q[-1]) == q.shape[0]
+    assert max_seqlen_q == int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())  # the host's bound, always given
     _check_cache(k_cache, kv_bits, k_scale_zero)
     out = torch.empty_like(q)
     for i in range(s):

@@ -14,7 +14,7 @@ from test_engine_graphs import ReplayByRecompute  # noqa: E402
 from lowbit.engine.llm import LLM  # noqa: E402
 from lowbit.engine.sampling_params import SamplingParams  # noqa: E402
 from lowbit.layers.paged_kv_cache import load_attention_kernels  # noqa: E402
-from lowbit.models.presets import build_dummy_model  # noqa: E402
+from lowbit.loading.dummy import build_dummy_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")

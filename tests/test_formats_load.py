@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from lowbit.config import ModelConfig
 from lowbit.errors import LowbitError
 from lowbit.layers.formats import method_for_checkpoint
-from lowbit.loading import gptq_format
+from lowbit.formats import gptq_format
 from lowbit.loading.loader import build_model, open_checkpoint
 from lowbit.models.llama import LlamaModel
 from lowbit.quant.driver import LINEAR_NAMES, set_weight

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from lowbit.loading import awq_format, gptq_format
+from lowbit.formats import awq_format, gptq_format
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ awq/modules/linear/gemm.py `order_map`
 

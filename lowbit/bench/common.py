@@ -37,7 +37,7 @@ class ModelSpec:
     def load(self):
         """-> (model, tokenizer, checkpoint), the triple LLM takes."""
         if self.dummy_weights:
-            from lowbit.models.presets import build_dummy_model
+            from lowbit.loading.dummy import build_dummy_model
 
             if not self.arch:
                 raise LowbitError("--dummy-weights needs --arch (tiny, llama2-7b, llama3-8b, llama2-70b)")

@@ -76,7 +76,7 @@ def _kv_row(triple, kv_bits: int, opts: MemoryOptions, max_len: int) -> dict:
         torch.cuda.reset_peak_memory_stats()
     llm = LLM(triple, kv_bits=kv_bits, max_model_len=max_len, gpu_memory_utilization=opts.gpu_memory_utilization,
               enforce_eager=True)
-    row.update({k: v for k, v in engine_info(llm).items() if k in ("num_kv_blocks", "kv_tokens", "kv_cache_bytes")})
+    row.update({k: v for k, v in engine_info(llm).items() if k in ("num_kv_blocks", "kv_tokens", "kv_cache_bytes", "kernels")})
     if _cuda(device):
         torch.cuda.synchronize()
         row["engine_init_peak_bytes"] = torch.cuda.max_memory_allocated()

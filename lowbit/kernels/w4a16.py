@@ -75,6 +75,16 @@ class W4A16Weight:
         return self.k_padded // (PLANE * 32 // self.container_bits)
 
     @property
+    def group_planes(self) -> int | None:
+        """Planes per group where groups lie in natural column order (no act-order gather), which
+        the fold gemv computes instead of loading plane_group; None otherwise."""
+        if self.x_index is not None:
+            return None
+        if self.group_size == -1:
+            return self.k_padded // PLANE
+        return self.group_size // PLANE if self.group_size % PLANE == 0 else None
+
+    @property
     def nbytes(self) -> int:
         """Bytes one matmul reads for the weight: codes, scales, zeros and the plane table."""
         return sum(t.numel() * t.element_size()
@@ -169,8 +179,8 @@ def w4a16_ref(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros:
 # ---- kernels ------------------------------------------------------------------------------------
 
 @triton.jit
-def _dequant(w, S, Z, J: tl.constexpr, CB: tl.constexpr):
-    """Code J of each int32 in w as (code - zero) * scale, given S = scale * 2**CB, Z = S + zero * scale."""
+def _code_plus_one(w, J: tl.constexpr, CB: tl.constexpr):
+    """Code J of each int32 in w as the float 1 + code / 2**CB (exact): one shift and one LOP3."""
     SH: tl.constexpr = J * CB - (23 - CB)  # moves code J to mantissa bits [23 - CB, 23)
     if SH > 0:
         t = w >> SH
@@ -179,8 +189,13 @@ def _dequant(w, S, Z, J: tl.constexpr, CB: tl.constexpr):
     else:
         t = w
     MASK: tl.constexpr = ((1 << CB) - 1) << (23 - CB)
-    f = ((t & MASK) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + code / 2**CB, exact
-    return f * S - Z
+    return ((t & MASK) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dequant(w, S, Z, J: tl.constexpr, CB: tl.constexpr):
+    """Code J of each int32 in w as (code - zero) * scale, given S = scale * 2**CB, Z = S + zero * scale."""
+    return _code_plus_one(w, J, CB) * S - Z
 
 
 @triton.jit
@@ -241,6 +256,53 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, pg_ptr, out_ptr, ws_ptr, lock_ptr,
                 k = (b0 + u) * (E * P) + j * P + offs_p
                 xv = tl.load(x_ptr + k, mask=k < k_end, other=0.0).to(tl.float32)
                 acc += xv[:, None] * _dequant(w, S[None, :], Z[None, :], j, CB)
+    y = tl.sum(acc, axis=0)
+    _finish(y, out_ptr, ws_ptr, lock_ptr, pid_n, pid_s, split, offs_n, nmask, N, PARTIAL)
+
+
+@triton.jit
+def _gemv_fold_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
+                      N, KX, n_groups, n_blocks, blocks_per_split, split, stride_wr, stride_g,
+                      CB: tl.constexpr, P: tl.constexpr, BN: tl.constexpr, GROUP_PLANES: tl.constexpr,
+                      PREFETCH: tl.constexpr, PARTIAL: tl.constexpr):
+    # M = 1 where groups lie in natural order (no act-order): the group of plane p is p // GROUP_PLANES,
+    # computed, not loaded. The scale is applied once per group, not per weight:
+    #   sum_k x (q - z) s = A * sum_k x f - B * sum_k x,  f = 1 + q / 2**CB,  A = 2**CB s,  B = (2**CB + z) s
+    # so the inner loop costs a shift, a LOP3 and one FMA per weight.
+    E: tl.constexpr = 32 // CB
+    FOLD: tl.constexpr = GROUP_PLANES if GROUP_PLANES < E else E  # planes between two folds
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_p = tl.arange(0, P)
+    nmask = offs_n < N
+    acc = tl.zeros((P, BN), tl.float32)
+    b_start = pid_s * blocks_per_split
+    b_end = tl.minimum(b_start + blocks_per_split, n_blocks)
+    w_ptrs = w_ptr + offs_p[:, None] * stride_wr + offs_n[None, :]
+    w = tl.load(w_ptrs + b_start * P * stride_wr, mask=nmask[None, :], other=0)
+    for b in range(b_start, b_end):
+        if PREFETCH:  # the next block's load is in flight while this one is computed
+            w_next = tl.load(w_ptrs + tl.minimum(b + 1, b_end - 1) * P * stride_wr, mask=nmask[None, :], other=0)
+        else:
+            w = tl.load(w_ptrs + b * P * stride_wr, mask=nmask[None, :], other=0)
+        acc_g = tl.zeros((P, BN), tl.float32)
+        sx = tl.zeros((P,), tl.float32)
+        for j in tl.static_range(E):
+            k = b * (E * P) + j * P + offs_p
+            xv = tl.load(x_ptr + k, mask=k < KX, other=0.0).to(tl.float32)
+            acc_g += xv[:, None] * _code_plus_one(w, j, CB)
+            sx += xv
+            if (j + 1) % FOLD == 0:
+                # padding planes past the last group hold x = 0: any group's finite scale serves
+                g = tl.minimum((b * E + j) // GROUP_PLANES, n_groups - 1)
+                s = tl.load(s_ptr + g * stride_g + offs_n, mask=nmask, other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + g * stride_g + offs_n, mask=nmask, other=0.0).to(tl.float32)
+                acc += (s * (1 << CB))[None, :] * acc_g - (((1 << CB) + z) * s)[None, :] * sx[:, None]
+                acc_g = tl.zeros((P, BN), tl.float32)
+                sx = tl.zeros((P,), tl.float32)
+        if PREFETCH:
+            w = w_next
     y = tl.sum(acc, axis=0)
     _finish(y, out_ptr, ws_ptr, lock_ptr, pid_n, pid_s, split, offs_n, nmask, N, PARTIAL)
 
@@ -335,7 +397,7 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, pg_ptr, out_ptr, N, stride_wr, stride_g
 # ---- dispatch -----------------------------------------------------------------------------------
 
 class Config(NamedTuple):
-    kind: str  # 'gemv' | 'mm' | 'dq'
+    kind: str  # 'gemv' | 'gemvf' (fold gemv, natural groups) | 'mm' | 'dq'
     BM: int = 16
     BN: int = 64
     U: int = 1  # blocks (E planes each) per loop iteration
@@ -343,6 +405,7 @@ class Config(NamedTuple):
     warps: int = 4
     stages: int = 3
     wide: bool = False  # mm: one [E * P, BN] operand and one K = E * P dot per block, not E dots
+    prefetch: bool = False  # gemvf: load block b + 1 before computing block b
 
 
 def _fill_split(programs: int, n_blocks: int, sms: int) -> int:
@@ -358,7 +421,8 @@ def _candidates(m: int, n: int, w: W4A16Weight, device: torch.device) -> list[Co
     cdiv = triton.cdiv
     if interpreting():  # small tiles: the interpreter's cost is per element
         if m == 1:
-            return [Config("gemv", 1, 32, 1, _fill_split(cdiv(n, 32), nb, sms), 4, 1)]
+            kind = "gemvf" if w.group_planes else "gemv"
+            return [Config(kind, 1, 32, 1, _fill_split(cdiv(n, 32), nb, sms), 4, 1)]
         bm = 16 if m <= 16 else 32
         return [Config("mm", bm, 32, 1, _fill_split(cdiv(m, bm) * cdiv(n, 32), nb, sms), 4, 1)]
 
@@ -368,6 +432,11 @@ def _candidates(m: int, n: int, w: W4A16Weight, device: torch.device) -> list[Co
         return [Config(kind, bm, bn, u, s, warps, stages) for s in dict.fromkeys((fill, 1))]
 
     out: list[Config] = []
+    if m == 1 and w.group_planes:
+        for bn, warps in ((64, 4), (128, 4), (32, 2), (64, 2), (128, 8), (256, 8), (32, 1)):
+            fill = _fill_split(cdiv(n, bn), nb, sms)
+            for split in dict.fromkeys((fill, 2 * fill, max(1, fill // 2))):
+                out += [Config("gemvf", 1, bn, 1, split, warps, 1, prefetch=p) for p in (True, False)]
     if m == 1:
         for bn, u, warps in ((64, 2, 4), (128, 1, 4), (256, 1, 8), (32, 2, 4)):
             out += with_splits("gemv", 1, bn, u, warps, 3)
@@ -412,7 +481,12 @@ def _launch(cfg: Config, x2: torch.Tensor, w: W4A16Weight, out: torch.Tensor) ->
         split, bps = 1, nb  # more tiles than counters (a config for large M): no split
     partial = split > 1
     ws = new_empty((split, m, n), torch.float32, x2.device) if partial else out
-    if cfg.kind == "gemv":
+    if cfg.kind == "gemvf":
+        _gemv_fold_kernel[(triton.cdiv(n, cfg.BN), split)](
+            x2, qw, s, z, out, ws, w.locks, n, kx, s.shape[0], nb, bps, split, qw.stride(0), s.stride(0),
+            CB=cb, P=PLANE, BN=cfg.BN, GROUP_PLANES=w.group_planes, PREFETCH=cfg.prefetch, PARTIAL=partial,
+            num_warps=cfg.warps, num_stages=cfg.stages)
+    elif cfg.kind == "gemv":
         _gemv_kernel[(triton.cdiv(n, cfg.BN), split)](
             x2, qw, s, z, pg, out, ws, w.locks, n, kx, nb, bps, split, qw.stride(0), s.stride(0),
             CB=cb, P=PLANE, BN=cfg.BN, U=cfg.U, BLOCK_GROUPS=w.block_uniform_groups, PARTIAL=partial,

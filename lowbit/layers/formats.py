@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from lowbit.errors import LowbitError
 from lowbit.layers.linear import make_method
-from lowbit.loading import awq_format, gptq_format
+from lowbit.formats import awq_format, gptq_format
 
 import lowbit.layers.quantized_linear  # noqa: F401  (registers the awq and gptq methods)
 

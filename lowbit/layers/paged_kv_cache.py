@@ -11,15 +11,15 @@ with int8/int4 KV.
 With kv_bits 8 or 4 the pages hold codes and a (scale, zero) pair per token and head, in the
 format of `lowbit/kernels/kv_quant.py`: quantized on write, dequantized on read. On CUDA the
 Triton kernels (`lowbit/kernels/kv_write.py`, `paged_attention.py`, `prefill_attention.py`) write
-and attend where they are there; anything missing falls back to the PyTorch path below.
+and attend; one that fails to import is an error with its cause, not a fall back to the PyTorch path
+below (which is the CPU's).
 """
 from __future__ import annotations
 
-import importlib
-import inspect
 import logging
+import traceback
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 from torch.nn import functional as F
@@ -48,40 +48,43 @@ class PagedAttentionMetadata:
 
 @dataclass
 class AttentionKernels:
-    """The Triton kernels found, each None where its module or function is missing."""
+    """The kernels the cache calls; None where it runs its PyTorch path (the CPU, or a test's choice)."""
 
     write_kv: Callable | None = None
     decode: Callable | None = None
     prefill: Callable | None = None
-
-    def __post_init__(self):
-        # optional host-side bounds a kernel may take, so that it sizes its grid without a device
-        # sync: passed only where its signature names them
-        self.decode_takes_max_len = _takes(self.decode, "max_context_len")
-        self.prefill_takes_max_q = _takes(self.prefill, "max_seqlen_q")
-
-
-def _takes(fn: Callable | None, name: str) -> bool:
-    try:
-        return fn is not None and name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
+    # Both attention kernels take the host-side bound that sizes their grid without a device sync
+    # (max_context_len, max_seqlen_q). It is their signature, not probed: a renamed argument is a
+    # TypeError, never a silent sync per step.
+    decode_takes_max_len: ClassVar[bool] = True
+    prefill_takes_max_q: ClassVar[bool] = True
 
 
 def load_attention_kernels() -> AttentionKernels:
-    """Imports the CUDA kernels lazily; a missing or broken module leaves the PyTorch path."""
+    """The Triton kernels, imported here rather than at the top: Triton is the optional `kernels`
+    extra, so a CPU install has none, and only the CUDA path (or a test under TRITON_INTERPRET=1)
+    asks for them. A kernel that fails to import is an error with its cause."""
+    try:
+        from lowbit.kernels.kv_write import write_kv
+        from lowbit.kernels.paged_attention import paged_decode_attention
+        from lowbit.kernels.prefill_attention import paged_prefill_attention
+    except Exception as e:  # ImportError (no Triton), or a kernel module that breaks at import
+        raise LowbitError(f"{kernel_import_failure(e)}; the paged KV cache needs its Triton kernels on the GPU: "
+                          "install them (pip install 'lowbit[kernels]') or run on the CPU (--device cpu)") from e
+    return AttentionKernels(write_kv=write_kv, decode=paged_decode_attention, prefill=paged_prefill_attention)
 
-    def find(module: str, name: str):
-        try:
-            return getattr(importlib.import_module(f"lowbit.kernels.{module}"), name, None)
-        except Exception as e:  # ImportError, or a kernel module that fails to import
-            log.info("lowbit.kernels.%s unavailable (%s); PyTorch attention path used", module, e)
-            return None
 
-    return AttentionKernels(
-        write_kv=find("kv_write", "write_kv") or find("paged_attention", "write_kv"),
-        decode=find("paged_attention", "paged_decode_attention"),
-        prefill=find("prefill_attention", "paged_prefill_attention"))
+def kernel_import_failure(e: BaseException) -> str:
+    """'lowbit.kernels.X failed to import (Error: message)', X being the kernel module that broke:
+    the one named by the ImportError, else the innermost whose top level raised (kv_tile, say,
+    when its `import triton` fails under kv_write)."""
+    if isinstance(e, ImportError) and (e.name or "").startswith("lowbit.kernels."):
+        module = e.name
+    else:
+        tops = [f.f_globals.get("__name__", "") for f, _ in traceback.walk_tb(e.__traceback__)
+                if f.f_code.co_name == "<module>"]
+        module = next((m for m in reversed(tops) if m.startswith("lowbit.kernels.")), "a lowbit.kernels module")
+    return f"{module} failed to import ({type(e).__name__}: {e})"
 
 
 class PagedKVCache:

@@ -13,7 +13,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.layers.linear import LinearMethod, register_method
-from lowbit.loading import awq_format, gptq_format
+from lowbit.formats import awq_format, gptq_format
 
 
 def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor | None,
@@ -82,11 +82,13 @@ class PackedLinearMethod(LinearMethod):
         does not take this bit width (it declares SUPPORTED_BITS; 4 where it does not say).
         _kernel_weight: None = not tried yet, False = not available."""
         if self._kernel_weight is None:
-            self._kernel_weight = False
-            try:
+            try:  # asked on CUDA only: Triton is the optional `kernels` extra, absent from a CPU install
                 from lowbit.kernels import w4a16
-            except ImportError:
-                return None
+            except Exception as e:  # no Triton, or a module that breaks at import: an error, not a slow path
+                raise LowbitError(f"{self.prefix}: lowbit.kernels.w4a16 failed to import ({type(e).__name__}: {e}); "
+                                  "install the GPU kernels (pip install 'lowbit[kernels]') or run on the CPU "
+                                  "(--device cpu)") from e
+            self._kernel_weight = False
             if self.bits in getattr(w4a16, "SUPPORTED_BITS", (4,)):
                 g_idx = layer.g_idx_k.to(torch.int32) if layer.g_idx_k is not None else None
                 self._kernel_weight = w4a16.pack_w4a16(layer.codes_nxk, layer.scales_nxg, layer.zeros_nxg,

@@ -1,5 +1,6 @@
 """`lowbit info MODEL`: what a checkpoint is and what it costs on disk, read from headers only
-(config.json, safetensors headers, GGUF metadata); no tensor is loaded."""
+(config.json, safetensors headers, GGUF metadata); no tensor is loaded. And which kernels its
+layers would run on this machine (`lowbit/layers/kernel_report.py`)."""
 from __future__ import annotations
 
 from collections import Counter
@@ -8,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from lowbit.loading.loader import open_checkpoint
+from lowbit.layers.kernel_report import format_kernels, planned_kernels
+from lowbit.loading.loader import default_device, open_checkpoint
 
 LINEAR_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -35,6 +37,8 @@ class ModelInfo:
     sym: bool | None = None  # gptq
     checkpoint_format: str | None = None  # gptq
     quantized_by: dict = field(default_factory=dict)  # the options lowbit quantize ran with, if it wrote it
+    device: str = "cpu"  # where it would run: the GPU when there is one
+    kernels: dict = field(default_factory=dict)  # role -> implementation there (kernel_report.planned_kernels)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,8 +63,9 @@ def _tensor_dtypes(ckpt, weight_files: list[Path]) -> Counter:
     return counts
 
 
-def model_info(path: str | Path) -> ModelInfo:
+def model_info(path: str | Path, device: str | torch.device | None = None) -> ModelInfo:
     path = Path(path)
+    device = torch.device(device) if device else default_device()
     ckpt = open_checkpoint(path)
     cfg = ckpt.config
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
@@ -86,6 +91,8 @@ def model_info(path: str | Path) -> ModelInfo:
             info.desc_act = bool(quant.get("desc_act", False))
             info.sym = bool(quant.get("sym", True))
             info.checkpoint_format = str(quant.get("checkpoint_format", quant.get("format", "gptq"))).lower()
+    info.device = str(device)
+    info.kernels = planned_kernels(kind, info.bits, device)
     return info
 
 
@@ -110,6 +117,7 @@ def format_info(info: ModelInfo) -> str:
     rows += [("tensors", stored),
              ("on disk", f"{_mb(info.disk_bytes)} (tensor files {_mb(info.weight_bytes)})"),
              ("bytes/param", f"{info.bytes_per_param:.3f} (tensor files / dense parameters; "
-                             f"{8 * info.bytes_per_param:.2f} bits)")]
+                             f"{8 * info.bytes_per_param:.2f} bits)"),
+             (f"kernels ({info.device})", format_kernels(info.kernels))]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,16 +1,8 @@
-"""Named model shapes for dummy-weight benchmarks (gpt-fast's `transformer_configs`), and a
-builder that makes random weights of those shapes directly on the device: no file, no copy
-through the host. Speed and memory depend on the shapes, not on the values.
-
-W4A16 weights go the way a quantized checkpoint goes: random codes, scales and zeros (what a
-quantizer returns) are packed into AutoAWQ's GEMM tensors and handed to the `awq` LinearMethod,
-which unpacks them for its kernel exactly as after loading a checkpoint.
+"""Named model shapes for dummy-weight benchmarks (gpt-fast's `transformer_configs`); the weights
+of those shapes are made by `lowbit/loading/dummy.py`. Speed and memory depend on the shapes, not
+on the values.
 """
 from __future__ import annotations
-
-import time
-
-import torch
 
 from lowbit.config import ModelConfig
 from lowbit.errors import LowbitError
@@ -28,130 +20,9 @@ PRESETS: dict[str, dict] = {
     "llama2-70b": dict(vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                        num_attention_heads=64, num_key_value_heads=8, head_dim=128, max_position_embeddings=4096),
 }
-W_BITS = (16, 4)
-INIT_STD = 0.02  # HF's initializer_range: activations stay finite through 80 fp16 layers
 
 
 def preset_config(arch: str) -> ModelConfig:
     if arch not in PRESETS:
         raise LowbitError(f"--arch {arch!r}: expected one of {', '.join(PRESETS)}")
     return ModelConfig(**{"rms_norm_eps": 1e-5, **PRESETS[arch]}, architecture="LlamaForCausalLM")
-
-
-class DummyTokenizer:
-    """Dummy weights have no vocabulary: prompts are token ids, and text is the ids written out."""
-
-    eos_token_id = None
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
-
-    def encode(self, text: str) -> list[int]:
-        raise LowbitError("dummy weights have no tokenizer: give prompts as token ids")
-
-    def encode_chat(self, messages) -> list[int]:
-        return self.encode("")
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return "".join(f" {i}" for i in ids)
-
-    def stop_token_ids(self, extra=None) -> set[int]:
-        return set()
-
-
-class DummyCheckpoint:
-    """What `LLM` reads from a checkpoint besides the weights."""
-
-    def __init__(self, config: ModelConfig, arch: str, w_bits: int, group_size: int):
-        self.config = config
-        self.source = f"dummy:{arch}"
-        self.quant = None if w_bits == 16 else {"quant_method": "awq", "bits": w_bits, "group_size": group_size,
-                                                "version": "gemm", "zero_point": True}
-
-    def generation_config(self) -> dict:
-        return {}
-
-
-def _w4_method_for(group_size: int):
-    try:
-        from lowbit.layers.formats import method_for_checkpoint
-        from lowbit.loading import awq_format  # noqa: F401
-    except ImportError as e:
-        raise LowbitError(f"--w-bits 4 needs the AWQ format (lowbit.layers.quantized_linear, "
-                          f"lowbit.loading.awq_format), which this install lacks ({e}); use --w-bits 16") from None
-    return method_for_checkpoint({"quant_method": "awq", "bits": 4, "group_size": group_size, "version": "gemm"},
-                                 "dummy weights")
-
-
-@torch.no_grad()
-def _fill_quantized(layer, gen: torch.Generator) -> None:
-    """Random 4-bit codes around a zero of 8, scaled so the weights have std ~INIT_STD."""
-    from lowbit.loading import awq_format
-
-    out_f, in_f = layer.out_features, layer.in_features
-    n_groups = layer.scales.shape[0]
-    dev = layer.scales.device
-    codes = torch.randint(0, 16, (out_f, in_f), generator=gen, device=dev, dtype=torch.uint8)
-    zeros = torch.full((out_f, n_groups), 8, dtype=torch.int32, device=dev)
-    scales = torch.full((out_f, n_groups), INIT_STD / 4.6, device=dev)  # std of code - 8 is 4.6
-    for name, t in awq_format.pack(codes, scales, zeros).items():
-        getattr(layer, name).copy_(t)
-    del codes
-    layer.method.after_load(layer)
-
-
-@torch.no_grad()
-def build_dummy_model(arch: str, w_bits: int = 16, group_size: int = 128, dtype: str | torch.dtype = "auto",
-                      device: str | torch.device | None = None, seed: int = 0):
-    """-> (model, tokenizer, checkpoint), the triple `LLM` takes, with random weights of `arch`'s
-    shapes made on `device`: fp16/bf16/fp32 (w_bits 16) or AWQ W4A16 (w_bits 4, `group_size`)."""
-    from lowbit.loading.loader import default_device, parse_dtype
-    from lowbit.models.llama import LlamaModel
-
-    cfg = preset_config(arch)
-    if w_bits not in W_BITS:
-        raise LowbitError(f"--w-bits {w_bits}: dummy weights are 16 (dense) or 4 (AWQ W4A16)")
-    device = torch.device(device) if device else default_device()
-    if dtype == "auto":
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-    dtype = parse_dtype(dtype)
-    method_for = _w4_method_for(group_size) if w_bits == 4 else (lambda _n, _i, _o: None)
-    if w_bits == 4:
-        bad = [n for n in (cfg.hidden_size, cfg.intermediate_size) if n % group_size]
-        if group_size != -1 and bad:
-            raise LowbitError(f"--group-size {group_size} does not divide {bad[0]} (a linear input of {arch}); "
-                              "pick one that divides it, e.g. 64 or 128")
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.device(device):
-        model = LlamaModel(cfg, method_for, dtype)
-    for name, p in model.named_parameters():
-        if name.endswith("norm.weight"):
-            p.fill_(1.0)
-        elif name.endswith(".bias"):
-            p.zero_()
-        else:
-            p.normal_(0.0, INIT_STD, generator=gen)
-    if w_bits == 4:
-        for module in model.modules():
-            if getattr(module, "method", None) is not None and module.method.name != "dense":
-                _fill_quantized(module, gen)
-    return model.eval(), DummyTokenizer(cfg.vocab_size), DummyCheckpoint(cfg, arch, w_bits, group_size)
-
-
-def build_timed(arch: str, w_bits: int = 16, group_size: int = 128, dtype="auto", device=None, seed: int = 0):
-    """build_dummy_model plus what building cost: seconds, and on CUDA the bytes it holds and peaked at."""
-    dev = torch.device(device) if device else None
-    cuda = (dev or torch.device("cuda" if torch.cuda.is_available() else "cpu")).type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    t0 = time.perf_counter()
-    triple = build_dummy_model(arch, w_bits, group_size, dtype, device, seed)
-    stats = {"build_s": None, "allocated_bytes": None, "peak_bytes": None}
-    if cuda:
-        torch.cuda.synchronize()
-        stats["allocated_bytes"] = torch.cuda.memory_allocated() - before
-        stats["peak_bytes"] = torch.cuda.max_memory_allocated() - before
-    stats["build_s"] = time.perf_counter() - t0
-    return triple, stats

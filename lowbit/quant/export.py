@@ -12,7 +12,7 @@ import torch
 
 from lowbit.atomic_dir import atomic_output_dir
 from lowbit.errors import LowbitError
-from lowbit.loading import awq_format, gptq_format
+from lowbit.formats import awq_format, gptq_format
 from lowbit.loading.hf_writer import write_json, write_tensors
 from lowbit.quant.driver import LINEAR_NAMES
 from lowbit.quant.qweight import QuantizedWeight

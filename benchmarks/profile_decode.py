@@ -1,0 +1,91 @@
+"""Where one batch-1 decode step's time goes, on the device: per-kernel GPU time, kernel count and
+the gap between them (launch latency and idle), for dummy weights of a named shape.
+
+    python3 benchmarks/profile_decode.py --arch llama2-7b --w-bits 4 --out $OUT
+
+Runs the engine as `lowbit bench generate` does (one prompt token, greedy), takes the decode step
+time from a plain timed run of `--steps` tokens (CUDA graphs, as served), then records the same
+steps with torch.profiler (CUPTI sees the kernels inside graph replays) and sums kernel time per
+kernel name. Writes profile_<arch>_w<bits>.json and prints the table, largest first.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+
+def decode_profile(arch: str, w_bits: int, steps: int, kv_bits: int = 16, enforce_eager: bool = False) -> dict:
+    from lowbit.bench.common import environment
+    from lowbit.engine.llm import LLM
+    from lowbit.engine.sampling_params import SamplingParams
+    from lowbit.loading.dummy import build_dummy_model
+
+    triple = build_dummy_model(arch, w_bits, 128)
+    llm = LLM(triple, kv_bits=kv_bits, max_batch_size=1, max_model_len=steps * 2 + 64,
+              enforce_eager=enforce_eager, gpu_memory_utilization=0.5)
+    params = SamplingParams(max_tokens=steps, ignore_eos=True)
+    llm.generate([[1]], SamplingParams(max_tokens=16, ignore_eos=True))  # warm-up (tuning, compile)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    llm.generate([[1]], params)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    step_us = wall / steps * 1e6
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        llm.generate([[1]], params)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: dict[str, list[float]] = defaultdict(list)
+    for e in kernels:
+        by_name[e.name].append(e.device_time if hasattr(e, "device_time") else e.cuda_time)
+    total_us = sum(sum(v) for v in by_name.values())
+    span = (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)) if kernels else 0
+    rows = sorted(({"kernel": k[:120], "calls_per_step": len(v) / steps, "us_per_step": sum(v) / steps,
+                    "us_per_call": sum(v) / len(v)} for k, v in by_name.items()),
+                  key=lambda r: -r["us_per_step"])
+    return {"arch": arch, "w_bits": w_bits, "kv_bits": kv_bits, "steps": steps, "cuda_graphs": llm.engine.runner.graph_status,
+            "step_us_timed": step_us, "tokens_per_s_timed": 1e6 / step_us,
+            "kernels_per_step": len(kernels) / steps, "kernel_us_per_step": total_us / steps,
+            "profiled_span_us_per_step": span / steps, "env": environment(torch.device("cuda")), "rows": rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", default="llama2-7b")
+    ap.add_argument("--w-bits", type=int, nargs="+", default=[4])
+    ap.add_argument("--kv-bits", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--eager", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT") or "profile-out")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for w in args.w_bits:
+        rec = decode_profile(args.arch, w, args.steps, args.kv_bits, args.eager)
+        rec["command"] = " ".join(sys.argv)
+        (out / f"profile_{args.arch}_w{w}_kv{args.kv_bits}.json").write_text(json.dumps(rec, indent=1, default=str))
+        print(f"\n== {args.arch} w{w} kv{args.kv_bits}: {rec['tokens_per_s_timed']:.1f} tok/s, step "
+              f"{rec['step_us_timed']:.0f} us, {rec['kernels_per_step']:.0f} kernels/step, kernel time "
+              f"{rec['kernel_us_per_step']:.0f} us/step, span {rec['profiled_span_us_per_step']:.0f} us/step "
+              f"({rec['cuda_graphs']})")
+        for r in rec["rows"][:25]:
+            print(f"{r['us_per_step']:9.1f} us {r['calls_per_step']:6.1f}x {r['us_per_call']:8.2f} us  {r['kernel']}")
+        del rec
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Which implementation runs for each role: the matmul of every weight format, the KV-cache write,
+decode and prefill attention (STYLE rule 12: what ran is visible). The bench JSON records it for the
+engine it measured; `lowbit info` says what would run for a checkpoint on this machine."""
+from __future__ import annotations
+
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.layers.linear import LinearMethod
+from lowbit.layers.paged_kv_cache import AttentionKernels, load_attention_kernels
+
+# The PyTorch paths: the CPU's, and what a role runs where the cache was given no kernel.
+TORCH_DENSE = "torch F.linear"
+TORCH_PACKED = "torch dequantize + F.linear"  # quantized_linear.py: unpack the weight, then a dense matmul
+TORCH_ATTENTION = {"kv_write": "torch index_copy_", "attention_decode": "torch sdpa (padded batch)",
+                   "attention_prefill": "torch sdpa (per sequence)"}
+W4A16 = "triton w4a16_matmul"
+
+
+def _name(fn) -> str:
+    """'triton paged_decode_attention' for our kernels; a stand-in (a test's) by its full name."""
+    module = getattr(fn, "__module__", "") or ""
+    if module.startswith("lowbit.kernels."):
+        return f"triton {fn.__name__}"
+    return f"{module}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def attention_kernels(kernels: AttentionKernels, kv_bits: int = 16) -> dict[str, str]:
+    torch_write = TORCH_ATTENTION["kv_write"] if kv_bits == 16 else "torch quantize_kv_ref + index_copy_"
+    return {"kv_write": _name(kernels.write_kv) if kernels.write_kv else torch_write,
+            "attention_decode": _name(kernels.decode) if kernels.decode else TORCH_ATTENTION["attention_decode"],
+            "attention_prefill": _name(kernels.prefill) if kernels.prefill else TORCH_ATTENTION["attention_prefill"]}
+
+
+def _linear(method: LinearMethod) -> str:
+    if method.name == "dense":
+        return TORCH_DENSE
+    # a packed format holds the W4A16 kernel's weight once after_load found the kernel (CUDA only)
+    return W4A16 if getattr(method, "_kernel_weight", None) else TORCH_PACKED
+
+
+def kernels_in_use(model, cache=None) -> dict:
+    """{"linear": {format: implementation}, "kv_write": ..., "attention_decode": ...,
+    "attention_prefill": ...} for a built model and, where given, its PagedKVCache."""
+    linear: dict[str, set[str]] = {}
+    for module in model.modules():
+        method = getattr(module, "method", None)
+        if isinstance(method, LinearMethod):
+            linear.setdefault(method.name, set()).add(_linear(method))
+    report: dict = {"linear": {fmt: " | ".join(sorted(impls)) for fmt, impls in sorted(linear.items())}}
+    if cache is not None:
+        report.update(attention_kernels(cache.kernels, cache.kv_bits))
+    return report
+
+
+def planned_kernels(fmt: str, bits: int | None, device: torch.device) -> dict:
+    """What a checkpoint of weight format `fmt` ("dense", "awq", "gptq") would run on `device`,
+    without loading it (`lowbit info`). On CUDA the kernels are imported, and one that fails
+    says so with its cause."""
+    packed = fmt in ("awq", "gptq")
+    if device.type != "cuda":
+        linear = {fmt: TORCH_PACKED} if packed else {}
+        return {"linear": {**linear, "dense": TORCH_DENSE}, **attention_kernels(AttentionKernels())}
+    try:
+        attention = attention_kernels(load_attention_kernels())
+    except LowbitError as e:
+        attention = dict.fromkeys(TORCH_ATTENTION, f"error: {e}")
+    linear = {}
+    if packed:
+        try:
+            from lowbit.kernels import w4a16
+        except Exception as e:  # what the layer would raise when it loads
+            linear[fmt] = f"error: lowbit.kernels.w4a16 failed to import ({type(e).__name__}: {e})"
+        else:
+            linear[fmt] = W4A16 if bits in w4a16.SUPPORTED_BITS else TORCH_PACKED
+    return {"linear": {**linear, "dense": TORCH_DENSE}, **attention}
+
+
+def format_kernels(report: dict) -> str:
+    """One line: 'linear awq: triton w4a16_matmul, dense: torch F.linear; kv_write: ...'."""
+    linear = ", ".join(f"{fmt}: {impl}" for fmt, impl in report["linear"].items())
+    rest = "; ".join(f"{role}: {impl}" for role, impl in report.items() if role != "linear")
+    return f"linear {linear}" + (f"; {rest}" if rest else "")
