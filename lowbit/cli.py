@@ -38,12 +38,6 @@ def convert(model: str = typer.Argument(..., help=MODEL_HELP),
     typer.echo(f"wrote {out} in {time.time() - t0:.1f}s")
 
 
-def _sampling(temperature, top_k, top_p, seed):
-    from lowbit.layers.sampler import SamplingOptions
-
-    return SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-
-
 def _load(model: str, dtype: str, device: Optional[str]):
     from lowbit.loading.loader import load_model
     from lowbit.models.default import resolve_model
@@ -62,23 +56,22 @@ def generate(model: str = typer.Argument("default", help=MODEL_HELP),
              seed: Optional[int] = typer.Option(None),
              dtype: str = typer.Option("auto", help="compute dtype: auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16"),
              device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda if present)")):
-    """Answer one prompt, streaming tokens as they come."""
-    from lowbit.engine.generator import stream_text
+    """Answer one prompt on the engine, streaming tokens as they come."""
+    from lowbit.engine.sampling_params import SamplingParams
+    from lowbit.serve.one_prompt import load_for_one
 
-    m, tok, ckpt = _load(model, dtype, device)
-    if raw:
-        ids = tok.encode(prompt)
-    else:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        ids = tok.encode_chat(messages)
-    stop = tok.stop_token_ids(ckpt.generation_config().get("eos_token_id"))
-    t0, n = time.time(), 0
-    for piece in stream_text(m, tok, ids, max_new_tokens, _sampling(temperature, top_k, top_p, seed), stop):
-        sys.stdout.write(piece)
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    llm, ids = load_for_one(model, prompt, max_new_tokens, system, raw, dtype, device)
+    t0, first_s = time.time(), None
+    for out in llm.iter_outputs(ids, params):
+        if out.error is not None:
+            raise out.error
+        first_s = first_s if first_s is not None else time.time() - t0
+        sys.stdout.write(out.delta_text)
         sys.stdout.flush()
-        n += 1
-    dt = time.time() - t0
-    typer.echo(f"\n[{n} pieces in {dt:.1f}s]", err=True)
+    n, rest_s = len(out.token_ids), time.time() - t0 - first_s
+    rate = f", then {(n - 1) / rest_s:.1f} tokens/s" if n > 1 and rest_s > 0 else ""
+    typer.echo(f"\n[{n} tokens; the first after {first_s:.2f}s{rate}]", err=True)
 
 
 @app.command()

@@ -48,4 +48,4 @@ def _llama_names(cfg) -> list[str]:
     import torch
 
     with torch.device("meta"):
-        return list(LlamaModel(cfg).state_dict().keys())
+        return list(LlamaModel(cfg, fused=False).state_dict().keys())  # the HF names, one per projection

@@ -33,7 +33,7 @@ def tiny_quantized(fmt, bits, group_size=32, act_order=False, symmetric=False, s
     """A random tiny model whose linears are replaced by their quantized values (scales and all other
     tensors rounded to fp16, as the checkpoint stores them), and the QuantizedWeight of each."""
     torch.manual_seed(bits * 10 + act_order)
-    net = LlamaModel(CFG)
+    net = LlamaModel(CFG, fused=False)  # quantizers work on each projection by its checkpoint name
     with torch.no_grad():
         for name, p in net.named_parameters():
             p.copy_((1 + 0.1 * torch.randn_like(p)) if "norm" in name else 0.2 * torch.randn_like(p))
@@ -55,8 +55,8 @@ def tiny_quantized(fmt, bits, group_size=32, act_order=False, symmetric=False, s
     return net, qweights
 
 
-def load(path):
-    return build_model(open_checkpoint(path), torch.float32, "cpu")
+def load(path, fused=True):
+    return build_model(open_checkpoint(path), torch.float32, "cpu", fused=fused)
 
 
 CASES = [("awq", 4, False, False), ("awq", 4, False, True), ("gptq", 2, False, False), ("gptq", 3, True, False),
@@ -72,7 +72,7 @@ def test_written_checkpoint_loads_to_the_same_model(tmp_path, fmt, bits, act_ord
     assert cfg["quant_method"] == fmt and cfg["bits"] == bits and cfg["group_size"] == 32
     assert cfg.get("desc_act", False) == act_order and cfg.get("sym", symmetric) == symmetric
     assert cfg.get("zero_point", not symmetric) == (not symmetric)
-    ours = load(out)
+    ours = load(out, fused=False)  # one QLinear per checkpoint name
     for name, qw in qweights.items():
         lin = ours.get_submodule(name)
         assert lin.method.name == fmt
@@ -81,6 +81,8 @@ def test_written_checkpoint_loads_to_the_same_model(tmp_path, fmt, bits, act_ord
     ids = torch.randint(0, CFG.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (ours(ids) - net(ids)).abs().max().item() < 1e-5
+        # what inference runs: q/k/v and gate/up merged at load from the same tensors
+        assert (load(out)(ids) - net(ids)).abs().max().item() < 1e-5
 
 
 def test_gptq_v2_and_modules_to_not_convert(tmp_path):
@@ -99,7 +101,7 @@ def test_gptq_v2_and_modules_to_not_convert(tmp_path):
     (out / "config.json").write_text(json.dumps(cfg))
     ours = load(out)
     assert ours.layers[0].self_attn.o_proj.method.name == "dense"
-    assert ours.layers[0].self_attn.q_proj.method.name == "gptq"
+    assert ours.layers[0].self_attn.qkv_proj.method.name == "gptq"  # q/k/v merged at load
     ids = torch.randint(0, CFG.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (ours(ids) - net(ids)).abs().max().item() < 1e-5
@@ -132,7 +134,8 @@ def test_group_size_that_does_not_divide_a_layer_is_refused(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     cfg["quantization_config"]["group_size"] = 48
     (out / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(LowbitError, match=r"model.layers.0.self_attn.q_proj: .*group_size 48 does not divide in_features 64"):
+    with pytest.raises(LowbitError, match=r"model.layers.0.self_attn.qkv_proj \(q_proj\+k_proj\+v_proj\): .*group_size 48 does not divide "
+                                         r"in_features 64"):
         load(out)
 
 
@@ -181,7 +184,7 @@ def test_dequantize_on_cpu_matches_in_fp16_and_bf16(tmp_path):
     x = torch.randn(3, 64)
     for dtype, tol in ((torch.float16, 1e-2), (torch.bfloat16, 5e-2)):
         low = build_model(open_checkpoint(out), dtype, "cpu")
-        lin, lin_ref = low.layers[0].self_attn.q_proj, ref.layers[0].self_attn.q_proj
+        lin, lin_ref = low.layers[0].self_attn.q_proj, ref.layers[0].self_attn.q_proj  # act-order g_idx differ: unmerged
         y = lin(x.to(dtype))
         assert y.dtype == dtype
         assert (y.float() - lin_ref(x)).abs().max().item() < tol * lin_ref(x).abs().max().item()

@@ -1,9 +1,11 @@
 """`LLM`: the offline API in vLLM's shape. `generate` and `chat` run a batch to completion;
-`stream` yields deltas as they come, through the async engine the server uses."""
+`stream` yields deltas as they come, through the async engine the server uses; `iter_outputs` does
+the same for plain (non-async) code, stepping the engine in the caller's thread."""
 from __future__ import annotations
 
+from collections import deque
 from pathlib import Path
-from typing import AsyncIterator, Sequence as Seq
+from typing import AsyncIterator, Iterator, Sequence as Seq
 
 from lowbit.engine.config import EngineConfig
 from lowbit.engine.llm_engine import LLMEngine, Prompt
@@ -73,6 +75,25 @@ class LLM:
         """messages: one conversation ([{"role", "content"}, ...]) or a list of them."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         return self.generate([self.tokenizer.encode_chat(c) for c in conversations], params)
+
+    def iter_outputs(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """`stream` for plain code: steps the engine in this thread and yields the request's outputs
+        as tokens arrive (use `delta_text`); the last has finished=True. Closing the iterator early
+        (or an exception in the caller, such as Ctrl-C) aborts the request and frees its cache."""
+        outputs: deque[RequestOutput] = deque()
+        rid = self.engine.add_request(prompt, params, sink=outputs.append)
+        finished = False
+        try:
+            while not finished:
+                if not outputs:
+                    self.engine.step()
+                while outputs:
+                    out = outputs.popleft()
+                    finished = out.finished
+                    yield out
+        finally:
+            if not finished:
+                self.engine.abort(rid)
 
     @property
     def async_engine(self):

@@ -60,6 +60,36 @@ def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_ca
                          BLOCK_HALF=max(16, next_pow2(half)), num_warps=4)
 
 
+@triton.jit
+def _rotary_rows_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_ct,
+                        stride_st, n_q_heads, n_k_heads, HALF,
+                        BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    i = tl.arange(0, BLOCK_HALF)
+    cos = tl.load(cos_ptr + t * stride_ct + i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(sin_ptr + t * stride_st + i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
+    _rotate_heads(q_ptr, t, stride_qt, stride_qh, n_q_heads, cos, sin, HALF, BLOCK_QH, BLOCK_HALF)
+    _rotate_heads(k_ptr, t, stride_kt, stride_kh, n_k_heads, cos, sin, HALF, BLOCK_KH, BLOCK_HALF)
+
+
+def rotary_cos_sin(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotates q [T, H, D] and k [T, KVH, D] in place by per-token cos, sin [T, D] in HF's layout
+    (emb = cat(freqs, freqs): the first D / 2 columns are read), as the model computes them once a
+    step. q and k may be strided views (e.g. into one fused qkv output) with a contiguous last dim."""
+    t, n_q, d = q.shape
+    if k.shape[0] != t or k.shape[2] != d or cos.shape != (t, d) or sin.shape != (t, d):
+        raise ValueError(f"rotary: q {tuple(q.shape)}, k {tuple(k.shape)}, cos {tuple(cos.shape)} and "
+                         f"sin {tuple(sin.shape)} disagree")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or cos.stride(-1) != 1 or sin.stride(-1) != 1:
+        raise ValueError("rotary: q, k, cos and sin need a contiguous last dim (the update is in place)")
+    if t == 0:
+        return
+    half = d // 2
+    _rotary_rows_kernel[(t,)](q, k, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
+                              sin.stride(0), n_q, k.shape[1], half, BLOCK_QH=next_pow2(n_q),
+                              BLOCK_KH=next_pow2(k.shape[1]), BLOCK_HALF=max(16, next_pow2(half)), num_warps=4)
+
+
 def cos_sin_cache(inv_freq: torch.Tensor, max_position: int) -> torch.Tensor:
     """fp32 [max_position, 2 * len(inv_freq)]: cos | sin of position * inv_freq."""
     freqs = torch.arange(max_position, dtype=torch.float32, device=inv_freq.device)[:, None] * inv_freq.float()

@@ -32,6 +32,12 @@ class LinearMethod:
     def after_load(self, layer: "QLinear") -> None:
         """Called once all tensors are loaded: repack for a kernel, drop what is not needed."""
 
+    def output_dim(self, tensor: str) -> int | None:
+        """The dim of tensor `tensor` (a name create_weights made) that runs over output features,
+        along which a merged layer's shards are concatenated; None for a tensor all outputs share
+        (GPTQ's g_idx), which every shard must then hold alike."""
+        return 0
+
 
 class DenseMethod(LinearMethod):
     """fp32 / fp16 / bf16 weights, `weight` [out, in] as in every HF checkpoint."""
@@ -62,11 +68,19 @@ def make_method(name: str, **kwargs) -> LinearMethod:
 
 
 class QLinear(nn.Module):
+    """y = x @ W^T + b in the format of `method`. A merged layer (gpt-fast's wqkv, vLLM's
+    QKVParallelLinear) holds several projections of the same input as one weight: `shards` names
+    each projection as the checkpoint does, with its output features, in output order; the loader
+    concatenates their tensors along each tensor's output dim and the caller splits y."""
+
     def __init__(self, in_features: int, out_features: int, bias: bool, method: LinearMethod | None = None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, shards: list[tuple[str, int]] | None = None):
         super().__init__()
+        if shards is not None and sum(n for _, n in shards) != out_features:
+            raise LowbitError(f"merged linear: shards {shards} do not add up to out_features {out_features}")
         self.in_features = in_features
         self.out_features = out_features
+        self.shards = shards
         self.method = method or DenseMethod()
         self.method.create_weights(self, dtype)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
@@ -74,8 +88,13 @@ class QLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x)
 
+    def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """A merged layer's output -> one view per shard."""
+        return y.split([n for _, n in self.shards], dim=-1)
+
     def dequantized_weight(self) -> torch.Tensor:
         return self.method.dequantize(self)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, format={self.method.name}"
+        merged = f", shards={[name for name, _ in self.shards]}" if self.shards else ""
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, format={self.method.name}{merged}"

@@ -1,4 +1,10 @@
-"""RMSNorm (Zhang & Sennrich 2019): x / rms(x) * weight, computed in fp32 like the HF reference."""
+"""RMSNorm (Zhang & Sennrich 2019): x / rms(x) * weight, computed in fp32 like the HF reference.
+
+With `residual`, the add before the norm is fused in (vLLM's fused_add_rms_norm): one pass
+returns (norm(x + residual), x + residual). On a GPU this is lowbit.kernels.rmsnorm, one launch
+per call; elsewhere the same arithmetic in PyTorch (the kernel's reference)."""
+from __future__ import annotations
+
 import torch
 from torch import nn
 
@@ -9,7 +15,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if x.is_cuda:
+            from lowbit.kernels.rmsnorm import rmsnorm
+
+            return rmsnorm(x, self.weight, self.eps, residual)
+        if residual is not None:
+            x = (x.float() + residual.float()).to(x.dtype)
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        y = self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return y if residual is None else (y, x)

@@ -53,6 +53,10 @@ class PackedLinearMethod(LinearMethod):
         for name, shape in self.shapes(in_f, out_f).items():
             layer.register_buffer(name, torch.empty(shape, dtype=torch.int32 if name in self.int_tensors else dtype))
 
+    def output_dim(self, tensor):
+        # AWQ and GPTQ both store [in-ish, out-ish] (qweight, qzeros, scales); g_idx runs over inputs
+        return None if tensor == "g_idx" else 1
+
     def after_load(self, layer):
         self._unpack_into(layer)
         self._kernel_weight = None

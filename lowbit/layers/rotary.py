@@ -65,7 +65,15 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, heads, T, D]; cos, sin [B, T, D]."""
-    cos, sin = cos[:, None], sin[:, None]
-    return x * cos + rotate_half(x) * sin
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """q [B, T, H, D], k [B, T, KVH, D]; cos, sin [B, T, D] -> rotated (q, k). On a GPU one kernel
+    rotates both in place (they may be views into a fused qkv output); elsewhere new tensors."""
+    if q.is_cuda:
+        from lowbit.kernels.rotary import rotary_cos_sin
+
+        b, t = q.shape[:2]
+        cos, sin = (c.expand(b, t, -1).reshape(b * t, -1) for c in (cos, sin))  # calibration shares one row set
+        rotary_cos_sin(q.view(b * t, *q.shape[2:]), k.view(b * t, *k.shape[2:]), cos, sin)
+        return q, k
+    cos, sin = cos[:, :, None], sin[:, :, None]
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin

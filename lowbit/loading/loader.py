@@ -45,20 +45,27 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device | str = "cpu") -> LlamaModel:
+def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device | str = "cpu",
+                fused: bool = True) -> LlamaModel:
+    """fused: q/k/v and gate/up as one merged linear each (inference); quantizers pass False."""
     from lowbit.layers.formats import method_for_checkpoint
 
+    fused = fused and _g_idx_shared(ckpt)
     with torch.device(device):
-        model = LlamaModel(ckpt.config, method_for_checkpoint(ckpt.quant, ckpt.source), dtype)
+        model = LlamaModel(ckpt.config, method_for_checkpoint(ckpt.quant, ckpt.source), dtype, fused)
     load_weights(model, ckpt)
     return model.eval()
 
 
 def load_weights(model: LlamaModel, ckpt: Checkpoint) -> None:
     """Copy each checkpoint tensor into the parameter of the same name; float tensors take the
-    model's dtype, integer ones (packed codes) stay as stored."""
+    model's dtype, integer ones (packed codes) stay as stored. A merged linear's tensor is its
+    shards' tensors concatenated along the format's output dim."""
     for name, param in model.state_dict(keep_vars=True).items():
-        t = ckpt.get(name)
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        shards = getattr(module, "shards", None)
+        t = _merged(ckpt, owner, leaf, shards, module.method) if shards else ckpt.get(name)
         if tuple(t.shape) != tuple(param.shape):
             basis = "config.json and its quantization_config" if ckpt.quant else "config.json"
             raise LowbitError(f"{_file_of(ckpt, name)}: tensor {name!r} has shape {tuple(t.shape)}, "
@@ -67,6 +74,47 @@ def load_weights(model: LlamaModel, ckpt: Checkpoint) -> None:
     for module in model.modules():
         if hasattr(module, "method"):
             module.method.after_load(module)
+
+
+MERGED = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
+
+
+def _g_idx_shared(ckpt: Checkpoint) -> bool:
+    """Whether projections that would be merged hold equal act-order g_idx (or none), so that one
+    column order serves them all. GPTQ computes them from the same inputs, so they normally agree;
+    a checkpoint where they do not runs its projections unmerged."""
+    if not (ckpt.quant or {}).get("desc_act"):
+        return True
+    for i in range(ckpt.config.num_hidden_layers):
+        for block, names in MERGED:
+            found = [f"model.layers.{i}.{block}.{n}.g_idx" for n in names]
+            try:
+                first, *rest = (ckpt.get(n) for n in found)
+            except Exception:  # no g_idx stored (or a skipped projection): nothing to compare
+                continue
+            if any(not torch.equal(first, r) for r in rest):
+                return False
+    return True
+
+
+def _merged(ckpt: Checkpoint, owner: str, leaf: str, shards, method) -> torch.Tensor:
+    """owner = "model.layers.0.self_attn.qkv_proj", leaf = "qweight" -> the q/k/v tensors joined."""
+    parent = owner.rpartition(".")[0]
+    names = [f"{parent}.{shard}.{leaf}" for shard, _ in shards]
+    parts = [ckpt.get(n) for n in names]
+    dim = 0 if leaf == "bias" else method.output_dim(leaf)
+    if dim is None:  # shared by every output (g_idx): the shards must agree
+        for n, p in zip(names[1:], parts[1:]):
+            if not torch.equal(p, parts[0]):
+                raise LowbitError(f"{_file_of(ckpt, n)}: {n} differs from {names[0]}, so the projections of "
+                                  f"{parent} cannot run as one merged matmul; lowbit needs them equal "
+                                  f"(GPTQ act-order computed from the same inputs gives equal g_idx)")
+        return parts[0]
+    for n, p in zip(names, parts):
+        if p.dim() <= dim:
+            raise LowbitError(f"{_file_of(ckpt, n)}: tensor {n!r} has shape {tuple(p.shape)}; expected at least "
+                              f"{dim + 1} dims")
+    return torch.cat(parts, dim)
 
 
 def _file_of(ckpt: Checkpoint, name: str) -> str:

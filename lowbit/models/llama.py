@@ -23,27 +23,42 @@ def _dense(_name, _i, _o):
     return None
 
 
+def projections(prefix: str, name: str, names_out: list[tuple[str, int]], in_features: int, bias: bool,
+                method_for: MethodFor, dtype, fused: bool) -> dict[str, QLinear]:
+    """The projections of one input: with `fused` one QLinear `name` over their concatenated
+    weights, else one QLinear each under its own name. Projections of different formats (a
+    checkpoint that skips some) are never merged."""
+    methods = [method_for(f"{prefix}.{n}", in_features, o) for n, o in names_out]
+    if fused and len({getattr(m, "name", "dense") for m in methods}) == 1:
+        out = sum(o for _, o in names_out)
+        method = method_for(f"{prefix}.{names_out[0][0]}", in_features, out)
+        if method is not None:
+            method.prefix = f"{prefix}.{name} ({'+'.join(n for n, _ in names_out)})"  # for its error messages
+        return {name: QLinear(in_features, out, bias, method, dtype, shards=list(names_out))}
+    return {n: QLinear(in_features, o, bias, m, dtype) for (n, o), m in zip(names_out, methods)}
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, prefix: str, method_for: MethodFor, dtype):
+    def __init__(self, cfg: ModelConfig, prefix: str, method_for: MethodFor, dtype, fused: bool):
         super().__init__()
         h, d = cfg.hidden_size, cfg.head_dim
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
         self.sliding_window = cfg.sliding_window
+        qkv = [("q_proj", self.n_heads * d), ("k_proj", self.n_kv * d), ("v_proj", self.n_kv * d)]
+        for name, lin in projections(prefix, "qkv_proj", qkv, h, cfg.qkv_bias, method_for, dtype, fused).items():
+            setattr(self, name, lin)
+        self.o_proj = QLinear(self.n_heads * d, h, cfg.o_bias, method_for(f"{prefix}.o_proj", self.n_heads * d, h), dtype)
 
-        def lin(name, i, o, bias):
-            return QLinear(i, o, bias, method_for(f"{prefix}.{name}", i, o), dtype)
-
-        self.q_proj = lin("q_proj", h, self.n_heads * d, cfg.qkv_bias)
-        self.k_proj = lin("k_proj", h, self.n_kv * d, cfg.qkv_bias)
-        self.v_proj = lin("v_proj", h, self.n_kv * d, cfg.qkv_bias)
-        self.o_proj = lin("o_proj", self.n_heads * d, h, cfg.o_bias)
+    def qkv(self, x):
+        if hasattr(self, "qkv_proj"):  # one matmul (see `projections`)
+            return self.qkv_proj.split(self.qkv_proj(x))
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x, cos, sin, cache, layer_idx: int):
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = self.qkv(x)
+        q, k = apply_rotary(q.view(b, t, self.n_heads, self.head_dim), k.view(b, t, self.n_kv, self.head_dim), cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         if cache is None:
             out = gqa_attention(q, k, v, self.sliding_window)
         else:  # the cache stores the new k/v and attends over everything it holds
@@ -52,48 +67,56 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, prefix: str, method_for: MethodFor, dtype):
+    def __init__(self, cfg: ModelConfig, prefix: str, method_for: MethodFor, dtype, fused: bool):
         super().__init__()
         h, i = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = QLinear(h, i, cfg.mlp_bias, method_for(f"{prefix}.gate_proj", h, i), dtype)
-        self.up_proj = QLinear(h, i, cfg.mlp_bias, method_for(f"{prefix}.up_proj", h, i), dtype)
+        gate_up = [("gate_proj", i), ("up_proj", i)]
+        for name, lin in projections(prefix, "gate_up_proj", gate_up, h, cfg.mlp_bias, method_for, dtype, fused).items():
+            setattr(self, name, lin)
         self.down_proj = QLinear(i, h, cfg.mlp_bias, method_for(f"{prefix}.down_proj", i, h), dtype)
 
     def forward(self, x):
+        if hasattr(self, "gate_up_proj"):
+            return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
         return self.down_proj(silu_and_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, idx: int, method_for: MethodFor, dtype):
+    def __init__(self, cfg: ModelConfig, idx: int, method_for: MethodFor, dtype, fused: bool):
         super().__init__()
         prefix = f"model.layers.{idx}"
         self.idx = idx
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.self_attn = Attention(cfg, f"{prefix}.self_attn", method_for, dtype)
+        self.self_attn = Attention(cfg, f"{prefix}.self_attn", method_for, dtype, fused)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = MLP(cfg, f"{prefix}.mlp", method_for, dtype)
+        self.mlp = MLP(cfg, f"{prefix}.mlp", method_for, dtype, fused)
 
     def forward(self, x, cos, sin, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, self.idx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.self_attn(self.input_layernorm(x), cos, sin, cache, self.idx)
+        h, x = self.post_attention_layernorm(h, residual=x)  # x + h, and its norm: one pass
+        return x + self.mlp(h)
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: ModelConfig, method_for: MethodFor, dtype):
+    def __init__(self, cfg: ModelConfig, method_for: MethodFor, dtype, fused: bool):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, method_for, dtype) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, method_for, dtype, fused) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
 
 class LlamaModel(nn.Module):
-    """Parameter names equal the HF Llama names, so a checkpoint loads by name."""
+    """Parameter names equal the HF Llama names, so a checkpoint loads by name; with `fused` (what
+    inference runs) q/k/v and gate/up are one merged QLinear each (qkv_proj, gate_up_proj) that the
+    loader fills from the checkpoint's separate tensors. Quantizers build it unfused: they work on
+    each projection under its own name."""
 
-    def __init__(self, cfg: ModelConfig, method_for: MethodFor = _dense, dtype: torch.dtype = torch.float32):
+    def __init__(self, cfg: ModelConfig, method_for: MethodFor = _dense, dtype: torch.dtype = torch.float32,
+                 fused: bool = True):
         super().__init__()
         self.config = cfg
-        self.model = Backbone(cfg, method_for, dtype)
+        self.model = Backbone(cfg, method_for, dtype, fused)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
         # the output head stays dense: it is 1-2% of a 7B model's bytes and sensitive to error.
         self.lm_head = None if cfg.tie_word_embeddings else QLinear(cfg.hidden_size, cfg.vocab_size, False, None, dtype)

@@ -106,7 +106,7 @@ def quantize(model: str | Path | torch.nn.Module = "default", method: str = "awq
         if ckpt.quant:
             raise LowbitError(f"{ckpt.source}: already quantized (quantization_config.quant_method "
                               f"{ckpt.quant.get('quant_method')!r}); quantize the original full-precision model")
-        net = build_model(ckpt, parse_dtype(dtype), "cpu")  # stays on the CPU; layers visit the device one by one
+        net = build_model(ckpt, parse_dtype(dtype), "cpu", fused=False)  # stays on the CPU; layers visit the device one by one
         tokenizer = ckpt.tokenizer()
     already = [n for n, m in net.named_modules() if getattr(m, "method", None) is not None and m.method.name != "dense"]
     if already:

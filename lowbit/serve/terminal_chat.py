@@ -3,9 +3,6 @@
 A replier takes the conversation so far and yields the answer's text pieces as they stream."""
 from __future__ import annotations
 
-import asyncio
-import queue
-import threading
 from typing import Callable, Iterator
 
 Replier = Callable[[list[dict]], Iterator[str]]
@@ -20,29 +17,11 @@ def engine_replier(model: str, kv_bits: int, dtype: str, device, max_tokens: int
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
 
     def reply(messages: list[dict]) -> Iterator[str]:
-        # the engine streams into an asyncio queue; a helper thread runs that loop so this stays a
-        # plain generator the terminal can print from
-        pieces: queue.SimpleQueue = queue.SimpleQueue()
-
-        async def run():
-            async for out in llm.stream(llm.tokenizer.encode_chat(messages), params):
-                if out.delta_text:
-                    pieces.put(out.delta_text)
-                if out.finished and out.error:
-                    pieces.put(out.error)
-
-        def thread():
-            try:
-                asyncio.run(run())
-            except BaseException as e:  # surfaced in the caller's thread
-                pieces.put(e)
-            pieces.put(None)
-
-        threading.Thread(target=thread, daemon=True).start()
-        while (item := pieces.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        for out in llm.iter_outputs(llm.tokenizer.encode_chat(messages), params):
+            if out.error is not None:
+                raise out.error
+            if out.delta_text:
+                yield out.delta_text
 
     return reply
 
