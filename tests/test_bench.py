@@ -7,6 +7,7 @@ import torch
 from conftest import run_cli
 
 from lowbit.config import ModelConfig
+from lowbit.layers.kernel_report import TORCH_ATTENTION, TORCH_BY_DEVICE, TORCH_DENSE, TORCH_PACKED
 from lowbit.layers.paged_kv_cache import PagedKVCache
 from lowbit.models.presets import PRESETS, preset_config
 
@@ -31,8 +32,8 @@ def test_bench_generate_writes_latency_percentiles_and_throughput(tmp_path):
         assert "error" not in run and run["engine"]["cuda_graphs"] == "off: CPU"
         kv_write = "torch index_copy_" if run["kv_bits"] == 16 else "torch quantize_kv_ref + index_copy_"
         assert run["engine"]["kernels"] == {  # what ran on the CPU: the PyTorch paths
-            "linear": {"awq": "torch dequantize + F.linear", "dense": "torch F.linear"}, "kv_write": kv_write,
-            "attention_decode": "torch sdpa (padded batch)", "attention_prefill": "torch sdpa (per sequence)"}
+            "linear": {"awq": TORCH_PACKED, "dense": TORCH_DENSE}, **TORCH_BY_DEVICE,
+            **TORCH_ATTENTION, "kv_write": kv_write}
         assert [res["concurrency"] for res in run["results"]] == [1, 3]
         for res in run["results"]:
             c = res["concurrency"]
@@ -51,7 +52,7 @@ def test_bench_throughput_falls_back_to_synthetic_lengths(tmp_path):
     rec = _record(tmp_path, "throughput")
     res = rec["result"]
     assert rec["synthetic"] and "seed 0" in rec["dataset"]
-    assert rec["engine"]["kernels"]["linear"] == {"dense": "torch F.linear"}
+    assert rec["engine"]["kernels"]["linear"] == {"dense": TORCH_DENSE}
     assert res["completed"] == 12 and res["failed"] == 0
     assert 4 * 12 <= res["output_tokens"] <= 12 * 12  # lengths drawn from 8 +- 50%
     assert res["total_tokens_per_s"] > res["output_tokens_per_s"] > 0

@@ -1,13 +1,12 @@
 """The engine on the default model: batched greedy tokens equal each prompt alone through the
-single-sequence generator, with preemption, chunked prefill, prefix caching and int8 KV."""
+model without a KV cache, with preemption, chunked prefill, prefix caching and int8 KV."""
 import asyncio
 
 import pytest
+import torch
 
-from lowbit.engine.generator import generate_ids
 from lowbit.engine.llm import LLM
 from lowbit.engine.sampling_params import SamplingParams
-from lowbit.layers.sampler import SamplingOptions
 
 MAX_TOKENS = 10
 
@@ -18,11 +17,22 @@ def stop_ids(smol):
     return tok.stop_token_ids(ckpt.generation_config().get("eos_token_id"))
 
 
+@torch.inference_mode()
+def greedy_without_cache(model, ids: list[int], max_tokens: int, stop_ids: set[int]) -> list[int]:
+    """The reference: every step runs the model over the whole sequence so far, no KV cache."""
+    out = []
+    while len(out) < max_tokens:
+        nxt = int(model(torch.tensor([ids + out]), last_only=True)[0, -1].argmax())
+        if nxt in stop_ids:
+            break
+        out.append(nxt)
+    return out
+
+
 @pytest.fixture(scope="module")
 def alone(smol, prompt_ids, stop_ids):
-    """Greedy tokens of each prompt through the single-sequence path."""
-    model = smol[0]
-    return [list(generate_ids(model, ids, MAX_TOKENS, SamplingOptions(), stop_ids)) for ids in prompt_ids]
+    """Greedy tokens of each prompt alone, without the engine."""
+    return [greedy_without_cache(smol[0], ids, MAX_TOKENS, stop_ids) for ids in prompt_ids]
 
 
 def _llm(smol, **kw):
@@ -67,7 +77,7 @@ def test_prefix_cache_hits_a_shared_system_prompt_and_changes_nothing(smol, stop
     assert llm.engine.block_manager.prefix_hit_tokens == second.num_cached_tokens
     uncached = _llm(smol, block_size=8, enable_prefix_caching=False).chat(chats[1], SamplingParams(max_tokens=6))[0]
     assert second.token_ids == uncached.token_ids
-    assert second.token_ids == list(generate_ids(smol[0], tok.encode_chat(chats[1]), 6, SamplingOptions(), stop_ids))
+    assert second.token_ids == greedy_without_cache(smol[0], tok.encode_chat(chats[1]), 6, stop_ids)
 
 
 def test_an_overlong_prompt_fails_alone(smol, prompt_ids, alone):

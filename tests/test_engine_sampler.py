@@ -69,6 +69,15 @@ def test_top_k_and_top_p():
     assert set(_draws(logits, SamplingParams(temperature=1.0, top_p=0.7, seed=0)).nonzero().flatten().tolist()) == {0, 1}
 
 
+def test_top_k_one_and_a_tiny_top_p_keep_only_each_rows_argmax():
+    # top_p: a token is dropped once the mass before it reaches top_p, so the first always stays
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    for kw in (dict(top_k=1), dict(top_p=1e-6)):
+        b = _batch([SamplingParams(temperature=2.0, seed=i, **kw) for i in range(4)], vocab=50)
+        for _ in range(20):
+            assert torch.equal(sample(logits, b)[0], logits.argmax(-1))
+
+
 def test_temperature_draws_follow_the_distribution():
     logits = torch.log(torch.tensor([0.6, 0.3, 0.1, 1e-9]))
     freq = _draws(logits, SamplingParams(temperature=1.0, seed=3), n=2000) / 2000

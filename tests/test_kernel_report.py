@@ -9,7 +9,8 @@ import pytest
 from conftest import run_cli
 
 from lowbit.errors import LowbitError
-from lowbit.layers.kernel_report import TORCH_ATTENTION, TORCH_DENSE, TORCH_PACKED, kernels_in_use, planned_kernels
+from lowbit.layers.kernel_report import (TORCH_ATTENTION, TORCH_BY_DEVICE, TORCH_DENSE, TORCH_PACKED, kernels_in_use,
+                                         planned_kernels)
 from lowbit.layers.paged_kv_cache import AttentionKernels, load_attention_kernels
 from lowbit.loading.dummy import build_dummy_model
 
@@ -49,7 +50,7 @@ def test_the_w4a16_kernel_failing_to_import_is_an_error_not_the_slow_path(monkey
 
 def test_the_report_names_what_runs():
     model, _, _ = build_dummy_model("tiny", w_bits=4, dtype="fp32", device="cpu")
-    assert kernels_in_use(model) == {"linear": {"awq": TORCH_PACKED, "dense": TORCH_DENSE}}
+    assert kernels_in_use(model) == {"linear": {"awq": TORCH_PACKED, "dense": TORCH_DENSE}, **TORCH_BY_DEVICE}
 
     def stand_in(*a, **k):
         pass
@@ -83,7 +84,7 @@ def test_the_cpu_path_never_imports_triton():
     assert r.returncode == 0, r.stderr
     n_tokens, report, kernel_modules = json.loads(r.stdout)
     assert n_tokens == 2
-    assert report == {"linear": {"awq": TORCH_PACKED, "dense": TORCH_DENSE}, **TORCH_ATTENTION}
+    assert report == {"linear": {"awq": TORCH_PACKED, "dense": TORCH_DENSE}, **TORCH_BY_DEVICE, **TORCH_ATTENTION}
     assert kernel_modules == ["lowbit.kernels.kv_quant"]  # the KV format's PyTorch reference only
 
 
@@ -93,4 +94,4 @@ def test_info_says_which_kernels_would_run():
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("kernels ("))
     assert f"linear dense: {TORCH_DENSE}" in line  # a GGUF is dequantized to dense weights on load
     if "(cpu)" in line:
-        assert all(impl in line for impl in TORCH_ATTENTION.values()), line
+        assert all(impl in line for impl in [*TORCH_BY_DEVICE.values(), *TORCH_ATTENTION.values()]), line

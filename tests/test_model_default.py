@@ -1,8 +1,8 @@
 """Our runtime on the real default model against transformers' implementation of the same weights."""
 import torch
 
-from lowbit.engine.generator import generate_ids
-from lowbit.layers.sampler import SamplingOptions
+from lowbit.engine.llm import LLM
+from lowbit.engine.sampling_params import SamplingParams
 
 CHAT = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
 
@@ -30,9 +30,11 @@ def test_chat_template_matches_transformers_tokenizer(smol, gguf_path):
 
 
 def test_32_greedy_tokens_match_transformers(smol, hf_smol):
-    model, tok, _ = smol
+    """The engine (paged KV cache, its sampler) against transformers' generate."""
+    _, tok, _ = smol
     prompt = tok.encode_chat(CHAT)
-    ours = list(generate_ids(model, prompt, 32, SamplingOptions(), tok.stop_token_ids()))
+    llm = LLM(smol, max_batch_size=1, max_model_len=len(prompt) + 32, num_kv_blocks=8)
+    ours = llm.generate(prompt, SamplingParams(max_tokens=32))[0].token_ids
     with torch.no_grad():
         out = hf_smol.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
                                attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
@@ -56,14 +58,3 @@ def test_kv_cache_decode_equals_full_forward(smol):
         steps = [model(ids[:, i:i + 1], cache=cache) for i in range(5, ids.shape[1])]
     stepped = torch.cat([first] + steps, dim=1)
     assert (stepped - full).abs().max().item() < 1e-4
-
-
-def test_sampling_is_reproducible_per_seed(smol):
-    model, tok, _ = smol
-    prompt = tok.encode_chat(CHAT)
-    opts = SamplingOptions(temperature=0.9, top_k=20, top_p=0.9, seed=7)
-    a = list(generate_ids(model, prompt, 12, opts, set()))
-    b = list(generate_ids(model, prompt, 12, opts, set()))
-    c = list(generate_ids(model, prompt, 12, SamplingOptions(temperature=0.9, top_k=20, top_p=0.9, seed=8), set()))
-    assert a == b
-    assert a != c

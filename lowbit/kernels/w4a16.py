@@ -307,6 +307,126 @@ def _gemv_fold_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
     _finish(y, out_ptr, ws_ptr, lock_ptr, pid_n, pid_s, split, offs_n, nmask, N, PARTIAL)
 
 
+# Eight 4-bit codes of one int32 against eight activations in fp16x2 (Marlin's LOP3 trick, Frantar
+# et al. 2024): `(w >> 4j) & 0x000F000F | 0x64006400` is the half2 {1024 + code j, 1024 + code j+4},
+# minus 1024 the exact codes; four HFMA2 take the dot with the activation pairs {x_j, x_j+4} (x / 16,
+# so no partial sum can overflow fp16). Out: the two lanes' sums in fp32 (codes 0-3 and 4-7).
+_H2_DOT_ASM = tl.constexpr("""
+{
+.reg .b32 t1, t2, t3, v0, v1, v2, v3, m, a;
+.reg .f16 l, h;
+.reg .f32 fl, fh;
+mov.b32 m, 0x64006400;
+lop3.b32 v0, $2, 0x000F000F, 0x64006400, 0xEA;
+shr.u32 t1, $2, 4;
+lop3.b32 v1, t1, 0x000F000F, 0x64006400, 0xEA;
+shr.u32 t2, $2, 8;
+lop3.b32 v2, t2, 0x000F000F, 0x64006400, 0xEA;
+shr.u32 t3, $2, 12;
+lop3.b32 v3, t3, 0x000F000F, 0x64006400, 0xEA;
+sub.f16x2 v0, v0, m;
+sub.f16x2 v1, v1, m;
+sub.f16x2 v2, v2, m;
+sub.f16x2 v3, v3, m;
+mul.rn.f16x2 a, v0, $3;
+fma.rn.f16x2 a, v1, $4, a;
+fma.rn.f16x2 a, v2, $5, a;
+fma.rn.f16x2 a, v3, $6, a;
+mov.b32 {l, h}, a;
+cvt.f32.f16 fl, l;
+cvt.f32.f16 fh, h;
+mov.b32 $0, fl;
+mov.b32 $1, fh;
+}
+""")
+
+
+@triton.jit
+def _half_pair(a, b):
+    """Two fp16 tensors -> int32 holding the half2 {a, b} (a in the low half)."""
+    lo = a.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return lo | (b.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+
+
+@triton.jit
+def _h2_dot_step(w, xp, J: tl.constexpr, lo, hi):
+    xl = (xp & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+    xh = ((xp >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+    lo = (((w >> (4 * J)) & 0xF).to(tl.float16) * xl + lo).to(tl.float16)
+    hi = (((w >> (4 * J + 16)) & 0xF).to(tl.float16) * xh + hi).to(tl.float16)
+    return lo, hi
+
+
+@triton.jit
+def _h2_dot(w, x0, x1, x2, x3):
+    """-> (sum_{j<4} q_j x_j, sum_{j>=4} q_j x_j) in fp32, per int32 w of 4-bit codes q_0..q_7;
+    x0..x3 hold the half2 pairs {x_j, x_j+4}. The interpreter gets the same fp16 arithmetic in
+    Triton ops (it cannot run PTX)."""
+    if _DOT_F32:  # the interpreter
+        lo = tl.zeros(w.shape, tl.float16)
+        hi = tl.zeros(w.shape, tl.float16)
+        lo, hi = _h2_dot_step(w, x0, 0, lo, hi)
+        lo, hi = _h2_dot_step(w, x1, 1, lo, hi)
+        lo, hi = _h2_dot_step(w, x2, 2, lo, hi)
+        lo, hi = _h2_dot_step(w, x3, 3, lo, hi)
+        return lo.to(tl.float32), hi.to(tl.float32)
+    lo, hi = tl.inline_asm_elementwise(_H2_DOT_ASM, "=r,=r,r,r,r,r,r", [w, x0, x1, x2, x3],
+                                       dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+    return lo.to(tl.float32, bitcast=True), hi.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _gemv_h2_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
+                    N, KX, n_groups, n_blocks, blocks_per_split, split, stride_wr, stride_g,
+                    P: tl.constexpr, BN: tl.constexpr, GROUP_PLANES: tl.constexpr, PARTIAL: tl.constexpr):
+    # M = 1, 4-bit container, natural groups of >= 64 columns: each int32 is one _h2_dot (about two
+    # instructions a weight), whose two lanes fall in the block's first and second half (E = 8
+    # planes of P), so a group of 64 is one lane and of >= 128 both. Scales are applied per group:
+    #   sum_k x (q - z) s = 16 s * sum_k (x / 16) q - z s * sum_k x
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_p = tl.arange(0, P)
+    nmask = offs_n < N
+    acc = tl.zeros((P, BN), tl.float32)
+    acc_z = tl.zeros((BN,), tl.float32)  # sum over groups of z s * (sum of the group's x)
+    b_start = pid_s * blocks_per_split
+    b_end = tl.minimum(b_start + blocks_per_split, n_blocks)
+    w_ptrs = w_ptr + offs_p[:, None] * stride_wr + offs_n[None, :]
+    for b in range(b_start, b_end):
+        w = tl.load(w_ptrs + b * P * stride_wr, mask=nmask[None, :], other=0)
+        k = b * (8 * P) + offs_p
+        x0 = tl.load(x_ptr + k, mask=k < KX, other=0.0).to(tl.float32)
+        x1 = tl.load(x_ptr + k + P, mask=k + P < KX, other=0.0).to(tl.float32)
+        x2 = tl.load(x_ptr + k + 2 * P, mask=k + 2 * P < KX, other=0.0).to(tl.float32)
+        x3 = tl.load(x_ptr + k + 3 * P, mask=k + 3 * P < KX, other=0.0).to(tl.float32)
+        x4 = tl.load(x_ptr + k + 4 * P, mask=k + 4 * P < KX, other=0.0).to(tl.float32)
+        x5 = tl.load(x_ptr + k + 5 * P, mask=k + 5 * P < KX, other=0.0).to(tl.float32)
+        x6 = tl.load(x_ptr + k + 6 * P, mask=k + 6 * P < KX, other=0.0).to(tl.float32)
+        x7 = tl.load(x_ptr + k + 7 * P, mask=k + 7 * P < KX, other=0.0).to(tl.float32)
+        sum_lo = tl.sum(x0 + x1 + x2 + x3, 0)
+        sum_hi = tl.sum(x4 + x5 + x6 + x7, 0)
+        p0 = _half_pair((x0 * 0.0625).to(tl.float16), (x4 * 0.0625).to(tl.float16))
+        p1 = _half_pair((x1 * 0.0625).to(tl.float16), (x5 * 0.0625).to(tl.float16))
+        p2 = _half_pair((x2 * 0.0625).to(tl.float16), (x6 * 0.0625).to(tl.float16))
+        p3 = _half_pair((x3 * 0.0625).to(tl.float16), (x7 * 0.0625).to(tl.float16))
+        r_lo, r_hi = _h2_dot(w, p0[:, None], p1[:, None], p2[:, None], p3[:, None])
+        g_lo = tl.minimum((b * 8) // GROUP_PLANES, n_groups - 1)  # padding planes hold x = 0
+        s_lo = tl.load(s_ptr + g_lo * stride_g + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        z_lo = tl.load(z_ptr + g_lo * stride_g + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        if GROUP_PLANES == 4:  # the block's halves are two groups
+            g_hi = tl.minimum(g_lo + 1, n_groups - 1)
+            s_hi = tl.load(s_ptr + g_hi * stride_g + offs_n, mask=nmask, other=0.0).to(tl.float32)
+            z_hi = tl.load(z_ptr + g_hi * stride_g + offs_n, mask=nmask, other=0.0).to(tl.float32)
+            acc += (16.0 * s_lo)[None, :] * r_lo + (16.0 * s_hi)[None, :] * r_hi
+            acc_z += z_lo * s_lo * sum_lo + z_hi * s_hi * sum_hi
+        else:
+            acc += (16.0 * s_lo)[None, :] * (r_lo + r_hi)
+            acc_z += z_lo * s_lo * (sum_lo + sum_hi)
+    y = tl.sum(acc, axis=0) - acc_z
+    _finish(y, out_ptr, ws_ptr, lock_ptr, pid_n, pid_s, split, offs_n, nmask, N, PARTIAL)
+
+
 @triton.jit
 def _mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, pg_ptr, out_ptr, ws_ptr, lock_ptr,
                M, N, KX, n_blocks, blocks_per_split, split, stride_xm, stride_wr, stride_g,
@@ -397,7 +517,7 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, pg_ptr, out_ptr, N, stride_wr, stride_g
 # ---- dispatch -----------------------------------------------------------------------------------
 
 class Config(NamedTuple):
-    kind: str  # 'gemv' | 'gemvf' (fold gemv, natural groups) | 'mm' | 'dq'
+    kind: str  # 'gemv' | 'gemvf' (fold gemv, natural groups) | 'gemvh' (fp16x2 fold gemv) | 'mm' | 'dq'
     BM: int = 16
     BN: int = 64
     U: int = 1  # blocks (E planes each) per loop iteration
@@ -415,13 +535,18 @@ def _fill_split(programs: int, n_blocks: int, sms: int) -> int:
     return max(1, min(triton.cdiv(2 * sms, programs), n_blocks // 2, 64))
 
 
+def _h2_applies(w: W4A16Weight) -> bool:
+    """The fp16x2 gemv takes 4-bit containers whose natural groups span >= 64 columns."""
+    return w.container_bits == 4 and w.group_planes is not None and w.group_planes >= 4
+
+
 def _candidates(m: int, n: int, w: W4A16Weight, device: torch.device) -> list[Config]:
     nb = w.n_blocks
     sms = sm_count(device)
     cdiv = triton.cdiv
     if interpreting():  # small tiles: the interpreter's cost is per element
         if m == 1:
-            kind = "gemvf" if w.group_planes else "gemv"
+            kind = ("gemvh" if _h2_applies(w) else "gemvf") if w.group_planes else "gemv"
             return [Config(kind, 1, 32, 1, _fill_split(cdiv(n, 32), nb, sms), 4, 1)]
         bm = 16 if m <= 16 else 32
         return [Config("mm", bm, 32, 1, _fill_split(cdiv(m, bm) * cdiv(n, 32), nb, sms), 4, 1)]
@@ -433,10 +558,13 @@ def _candidates(m: int, n: int, w: W4A16Weight, device: torch.device) -> list[Co
 
     out: list[Config] = []
     if m == 1 and w.group_planes:
-        for bn, warps in ((64, 4), (128, 4), (32, 2), (64, 2), (128, 8), (256, 8), (32, 1)):
-            fill = _fill_split(cdiv(n, bn), nb, sms)
-            for split in dict.fromkeys((fill, 2 * fill, max(1, fill // 2))):
-                out += [Config("gemvf", 1, bn, 1, split, warps, 1, prefetch=p) for p in (True, False)]
+        # a thread holds BN / 128 16-byte loads of a row (x work is per row) and 16 / warps rows
+        tiles = [(64, 2), (128, 4), (256, 4), (256, 8), (512, 8), (512, 4)]
+        for kind in ["gemvh", "gemvf"] if _h2_applies(w) else ["gemvf"]:
+            for bn, warps in tiles if kind == "gemvh" else tiles[:4]:
+                fill = _fill_split(cdiv(n, bn), nb, sms)
+                out += [Config(kind, 1, bn, 1, split, warps, 1) for split in dict.fromkeys((fill, 2 * fill))]
+        return list(dict.fromkeys(out))
     if m == 1:
         for bn, u, warps in ((64, 2, 4), (128, 1, 4), (256, 1, 8), (32, 2, 4)):
             out += with_splits("gemv", 1, bn, u, warps, 3)
@@ -481,7 +609,12 @@ def _launch(cfg: Config, x2: torch.Tensor, w: W4A16Weight, out: torch.Tensor) ->
         split, bps = 1, nb  # more tiles than counters (a config for large M): no split
     partial = split > 1
     ws = new_empty((split, m, n), torch.float32, x2.device) if partial else out
-    if cfg.kind == "gemvf":
+    if cfg.kind == "gemvh":
+        _gemv_h2_kernel[(triton.cdiv(n, cfg.BN), split)](
+            x2, qw, s, z, out, ws, w.locks, n, kx, s.shape[0], nb, bps, split, qw.stride(0), s.stride(0),
+            P=PLANE, BN=cfg.BN, GROUP_PLANES=w.group_planes, PARTIAL=partial,
+            num_warps=cfg.warps, num_stages=cfg.stages)
+    elif cfg.kind == "gemvf":
         _gemv_fold_kernel[(triton.cdiv(n, cfg.BN), split)](
             x2, qw, s, z, out, ws, w.locks, n, kx, s.shape[0], nb, bps, split, qw.stride(0), s.stride(0),
             CB=cb, P=PLANE, BN=cfg.BN, GROUP_PLANES=w.group_planes, PREFETCH=cfg.prefetch, PARTIAL=partial,

@@ -1,13 +1,14 @@
-"""Which implementation runs for each role: the matmul of every weight format, the KV-cache write,
-decode and prefill attention (STYLE rule 12: what ran is visible). The bench JSON records it for the
-engine it measured; `lowbit info` says what would run for a checkpoint on this machine."""
+"""Which implementation runs for each role: the matmul of every weight format, RMSNorm, rotary,
+SwiGLU's silu_and_mul, the KV-cache write, decode and prefill attention (STYLE rule 12: what ran
+is visible). The bench JSON records it for the engine it measured; `lowbit info` says what would
+run for a checkpoint on this machine."""
 from __future__ import annotations
 
 import torch
 
 from lowbit.errors import LowbitError
 from lowbit.layers.linear import LinearMethod
-from lowbit.layers.paged_kv_cache import AttentionKernels, load_attention_kernels
+from lowbit.layers.paged_kv_cache import AttentionKernels, kernel_import_failure, load_attention_kernels
 
 # The PyTorch paths: the CPU's, and what a role runs where the cache was given no kernel.
 TORCH_DENSE = "torch F.linear"
@@ -15,6 +16,9 @@ TORCH_PACKED = "torch dequantize + F.linear"  # quantized_linear.py: unpack the 
 TORCH_ATTENTION = {"kv_write": "torch index_copy_", "attention_decode": "torch sdpa (padded batch)",
                    "attention_prefill": "torch sdpa (per sequence)"}
 W4A16 = "triton w4a16_matmul"
+# norm.py, rotary.py and activation.py choose by device alone: Triton on CUDA, these elsewhere
+TORCH_BY_DEVICE = {"rmsnorm": "torch RMSNorm (fp32)", "rotary": "torch rotate_half",
+                   "silu_and_mul": "torch F.silu * up"}
 
 
 def _name(fn) -> str:
@@ -32,6 +36,17 @@ def attention_kernels(kernels: AttentionKernels, kv_bits: int = 16) -> dict[str,
             "attention_prefill": _name(kernels.prefill) if kernels.prefill else TORCH_ATTENTION["attention_prefill"]}
 
 
+def by_device(device: torch.device) -> dict[str, str]:
+    """The roles whose layer picks its kernel by the tensor's device (x.is_cuda)."""
+    if device.type != "cuda":
+        return dict(TORCH_BY_DEVICE)
+    from lowbit.kernels.activation import silu_and_mul
+    from lowbit.kernels.rmsnorm import rmsnorm
+    from lowbit.kernels.rotary import rotary_cos_sin
+
+    return {"rmsnorm": _name(rmsnorm), "rotary": _name(rotary_cos_sin), "silu_and_mul": _name(silu_and_mul)}
+
+
 def _linear(method: LinearMethod) -> str:
     if method.name == "dense":
         return TORCH_DENSE
@@ -40,14 +55,16 @@ def _linear(method: LinearMethod) -> str:
 
 
 def kernels_in_use(model, cache=None) -> dict:
-    """{"linear": {format: implementation}, "kv_write": ..., "attention_decode": ...,
-    "attention_prefill": ...} for a built model and, where given, its PagedKVCache."""
+    """{"linear": {format: implementation}, "rmsnorm": ..., "rotary": ..., "silu_and_mul": ...,
+    "kv_write": ..., "attention_decode": ..., "attention_prefill": ...} for a built model and, where
+    given, its PagedKVCache."""
     linear: dict[str, set[str]] = {}
     for module in model.modules():
         method = getattr(module, "method", None)
         if isinstance(method, LinearMethod):
             linear.setdefault(method.name, set()).add(_linear(method))
-    report: dict = {"linear": {fmt: " | ".join(sorted(impls)) for fmt, impls in sorted(linear.items())}}
+    report: dict = {"linear": {fmt: " | ".join(sorted(impls)) for fmt, impls in sorted(linear.items())},
+                    **by_device(next(model.parameters()).device)}
     if cache is not None:
         report.update(attention_kernels(cache.kernels, cache.kv_bits))
     return report
@@ -60,7 +77,11 @@ def planned_kernels(fmt: str, bits: int | None, device: torch.device) -> dict:
     packed = fmt in ("awq", "gptq")
     if device.type != "cuda":
         linear = {fmt: TORCH_PACKED} if packed else {}
-        return {"linear": {**linear, "dense": TORCH_DENSE}, **attention_kernels(AttentionKernels())}
+        return {"linear": {**linear, "dense": TORCH_DENSE}, **TORCH_BY_DEVICE, **attention_kernels(AttentionKernels())}
+    try:
+        elementwise = by_device(device)
+    except Exception as e:  # what the layer would raise at its first forward
+        elementwise = dict.fromkeys(TORCH_BY_DEVICE, f"error: {kernel_import_failure(e)}")
     try:
         attention = attention_kernels(load_attention_kernels())
     except LowbitError as e:
@@ -73,7 +94,7 @@ def planned_kernels(fmt: str, bits: int | None, device: torch.device) -> dict:
             linear[fmt] = f"error: lowbit.kernels.w4a16 failed to import ({type(e).__name__}: {e})"
         else:
             linear[fmt] = W4A16 if bits in w4a16.SUPPORTED_BITS else TORCH_PACKED
-    return {"linear": {**linear, "dense": TORCH_DENSE}, **attention}
+    return {"linear": {**linear, "dense": TORCH_DENSE}, **elementwise, **attention}
 
 
 def format_kernels(report: dict) -> str:
