@@ -48,18 +48,26 @@ def test_rotary_in_place_matches_reference(d, rot, dtype):
 
 
 def test_rotary_matches_hf_rotate_half():
-    """Same numbers as lowbit.layers.rotary's HF-style apply_rotary (cos/sin duplicated halves)."""
+    """The model's HF-style apply_rotary (cos/sin duplicated halves; its CPU path), the cache kernel's
+    reference, and the per-token cos/sin kernel the model runs on a GPU, in place on strided views
+    of one fused q/k/v buffer, all agree; v beside them is untouched."""
+    from lowbit.kernels.rotary import rotary_cos_sin
     from lowbit.layers.rotary import apply_rotary
 
     d, t = 64, 5
     inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
     pos = torch.tensor([3, 1, 4, 1, 5])
-    q = torch.randn(t, 2, d)
+    q, k, v = torch.randn(t, 2, d), torch.randn(t, 1, d), torch.randn(t, 1, d)
     freqs = pos.float()[:, None] * inv_freq
     emb = torch.cat([freqs, freqs], -1)
-    hf = apply_rotary(q.transpose(0, 1)[None], emb.cos()[None], emb.sin()[None])[0].transpose(0, 1)
-    ours, _ = rotary_ref(q, q[:, :1], pos, cos_sin_cache(inv_freq, 8))
-    assert rel_err(ours, hf) < 1e-6
+    hf_q, hf_k = (x[0] for x in apply_rotary(q[None], k[None], emb.cos()[None], emb.sin()[None]))
+    ref_q, ref_k = rotary_ref(q, k, pos, cos_sin_cache(inv_freq, 8))
+    assert rel_err(ref_q, hf_q) < 1e-6 and rel_err(ref_k, hf_k) < 1e-6
+    qkv = torch.cat([q, k, v], 1).to(DEV)  # [t, 4 heads, d]: q heads, k head, v head
+    rotary_cos_sin(qkv[:, :2], qkv[:, 2:3], emb.cos().to(DEV), emb.sin().to(DEV))
+    out = qkv.cpu()
+    assert rel_err(out[:, :2], hf_q) < 1e-5 and rel_err(out[:, 2:3], hf_k) < 1e-5
+    assert torch.equal(out[:, 3:], v)
 
 
 @pytest.mark.parametrize("inter,dtype", [(40, torch.float16), (1100, torch.bfloat16)])

@@ -58,11 +58,12 @@ def test_w4a16_matches_reference(m, n, k, bits, group, sym, act_order, dtype):
 @pytest.mark.parametrize("cfg", [Config("gemv", 1, 16, 2, 3, 4, 1), Config("gemv", 1, 32, 1, 1, 4, 1),
                                  Config("mm", 16, 16, 2, 2, 4, 1), Config("mm", 32, 32, 1, 1, 4, 1),
                                  Config("mm", 16, 32, 1, 2, 4, 1, wide=True),
-                                 Config("dq", BN=32)])
+                                 Config("dq", BN=32), Config("gemvf", 1, 16, 1, 2, 4, 1),
+                                 Config("gemvh", 1, 16, 1, 2, 4, 1), Config("gemvh", 1, 32, 1, 1, 4, 1)])
 def test_w4a16_every_path(cfg):
     """Pinned configs: split-K with a ragged last split (U=2 over 5 blocks), no split, the wide dot,
     and the dense path; twice, so a split-K tile counter left armed by the first call would spoil the second."""
-    m = 1 if cfg.kind == "gemv" else 5
+    m = 1 if cfg.kind.startswith("gemv") else 5
     n, k, group = 40, 640, 64
     codes, scales, zeros, g_idx = make_weight(n, k, 4, group, False, False, seed=7)
     x = torch.randn(2, m, k, generator=torch.Generator().manual_seed(3)).half()[:1]  # leading dims kept

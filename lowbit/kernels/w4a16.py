@@ -559,9 +559,9 @@ def _candidates(m: int, n: int, w: W4A16Weight, device: torch.device) -> list[Co
     out: list[Config] = []
     if m == 1 and w.group_planes:
         # a thread holds BN / 128 16-byte loads of a row (x work is per row) and 16 / warps rows
-        tiles = [(64, 2), (128, 4), (256, 4), (256, 8), (512, 8), (512, 4)]
+        tiles = [(512, 4), (1024, 4), (1024, 8), (512, 2), (256, 4), (128, 4), (256, 8), (64, 2)]
         for kind in ["gemvh", "gemvf"] if _h2_applies(w) else ["gemvf"]:
-            for bn, warps in tiles if kind == "gemvh" else tiles[:4]:
+            for bn, warps in tiles if kind == "gemvh" else tiles[4:]:
                 fill = _fill_split(cdiv(n, bn), nb, sms)
                 out += [Config(kind, 1, bn, 1, split, warps, 1) for split in dict.fromkeys((fill, 2 * fill))]
         return list(dict.fromkeys(out))
