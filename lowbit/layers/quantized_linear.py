@@ -4,7 +4,7 @@
 loader fills them by name; `after_load` unpacks them once into the compute form: codes uint8
 [out, in], scales [out, G], zeros int32 [out, G] and, only when it is not `column // group_size`, the
 group of each column. `apply` runs the Triton W4A16 kernel (`lowbit.kernels.w4a16`) when x is on a
-GPU and that kernel is installed, and otherwise dequantizes on the fly in plain PyTorch.
+GPU (a kernel that fails to import there is an error), and otherwise dequantizes on the fly in plain PyTorch.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.layers.cpu_weights import cpu_linear
 from lowbit.layers.linear import LinearMethod, register_method
 from lowbit.formats import awq_format, gptq_format
 
@@ -82,7 +83,7 @@ class PackedLinearMethod(LinearMethod):
         layer.register_buffer("g_idx_k", g_idx, persistent=False)
 
     def _gpu_kernel(self, layer):
-        """The W4A16 kernel's packed weight, built once; None where lowbit.kernels.w4a16 is absent or
+        """The W4A16 kernel's packed weight, built once (a kernel module that fails to import raises); None where it
         does not take this bit width (it declares SUPPORTED_BITS; 4 where it does not say).
         _kernel_weight: None = not tried yet, False = not available."""
         if self._kernel_weight is None:
@@ -110,6 +111,8 @@ class PackedLinearMethod(LinearMethod):
 
             y = w4a16_matmul(x, self._kernel_weight)
             return y + layer.bias if layer.bias is not None else y
+        if x.device.type == "cpu":  # dequantized once and kept: cpu_weights.py says why and what it costs
+            return cpu_linear(layer, x, lambda dtype: self._dense(layer, dtype))
         return nn.functional.linear(x, self._dense(layer, x.dtype), layer.bias)
 
     def dequantize(self, layer):
@@ -117,7 +120,7 @@ class PackedLinearMethod(LinearMethod):
 
 
 class AWQLinearMethod(PackedLinearMethod):
-    """AutoAWQ GEMM (`version: "gemm"`), 4-bit; see lowbit/loading/awq_format.py for the layout."""
+    """AutoAWQ GEMM (`version: "gemm"`), 4-bit; see lowbit/formats/awq_format.py for the layout."""
 
     name = "awq"
 
