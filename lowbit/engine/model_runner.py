@@ -102,11 +102,12 @@ class ModelRunner:
         """The packed tokens [T] through the model -> fp32 logits [len(sample_rows), vocab]; the
         output head runs only on the rows that sample (a prompt chunk needs no logits); None: all."""
         model = self.model
-        h = model.embed(input_ids[None])
+        h, residual = model.embed(input_ids[None]), None
         cos, sin = model.rope(positions[None], h.dtype)
         for layer in model.layers:
-            h = layer(h, cos, sin, cache)
-        return model.head(h[0] if sample_rows is None else h[0, sample_rows]).float()
+            h, residual = layer.step(h, residual, cos, sin, cache)
+        rows = slice(None) if sample_rows is None else sample_rows
+        return model.head(h[0, rows], residual[0, rows]).float()
 
     def release(self, seq: Sequence) -> None:
         self.generators.pop(seq.seq_id, None)

@@ -564,6 +564,9 @@ def _candidates(m: int, n: int, w: W4A16Weight, device: torch.device) -> list[Co
             for bn, warps in tiles if kind == "gemvh" else tiles[4:]:
                 fill = _fill_split(cdiv(n, bn), nb, sms)
                 out += [Config(kind, 1, bn, 1, split, warps, 1) for split in dict.fromkeys((fill, 2 * fill))]
+                if kind == "gemvh" and bn >= 512:  # longer loops, fewer partial sums; cp.async-pipelined loads
+                    out += [Config(kind, 1, bn, 1, split, warps, st) for split in dict.fromkeys((max(1, fill // 2), fill))
+                            for st in (1, 3) if (split, st) != (fill, 1)]
         return list(dict.fromkeys(out))
     if m == 1:
         for bn, u, warps in ((64, 2, 4), (128, 1, 4), (256, 1, 8), (32, 2, 4)):

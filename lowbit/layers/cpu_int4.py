@@ -6,9 +6,10 @@ of an AMD EPYC: SmolLM2-135M's 106M quantized weights take ~45 ms a token), this
 PyTorch's own `aten._weight_int4pack_mm_for_cpu` runs fp32 activations through a scalar loop on
 AVX2 (torch 2.13: ~8 ms for one 1536x576 GEMV) and rounds scales to bf16 in its fast path.
 
-Numerics: each weight is formed exactly as `dequantize_codes` forms it, ((float)code - zero) *
-scale in fp32, then multiplied into fp32 sums with FMA; only the summation order differs from
-F.linear's (a few ulp; `tests/test_cpu_weights.py` compares the two).
+Numerics: sum over groups of scale * sum_k (code - zero) * x_k, in fp32 with FMA. code - zero is
+exact (int8); the reference (`dequantize_codes` + F.linear) rounds (code - zero) * scale to fp32
+first and sums in another order: the two differ by fp32 rounding only (relative ~1e-6,
+`tests/test_cpu_weights.py`), and the scale multiply moves from every weight to every group.
 
 Layout (`pack`): codes uint8 [N, K] -> [N, K/2], per 32 columns 16 bytes, byte i holding column i
 in its low nibble and column 16 + i in its high one, so one 16-byte load unpacks to 32 floats in
@@ -43,6 +44,14 @@ SOURCE = r"""
 #include <immintrin.h>
 #include <stdint.h>
 
+typedef struct {
+    const uint8_t* packed;  /* [N, K/2], see pack() */
+    const float* scales;    /* [N, G] */
+    const int8_t* zeros;    /* [N, G] */
+    const float* bias;      /* [N] or NULL */
+    int64_t n, k, group_size;
+} lowbit_w4;
+
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -50,43 +59,38 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* x [M, K] fp32, packed [N, K/2], scales/zeros [N, K/group_size] fp32, bias [N] or NULL -> y [M, N] */
-void lowbit_w4_linear(const float* x, const uint8_t* packed, const float* scales, const float* zeros,
-                      const float* bias, float* y, int64_t M, int64_t N, int64_t K, int64_t group_size,
-                      int num_threads) {
-    const int64_t G = K / group_size;
+/* x [M, K] fp32 -> y [M, N] fp32 */
+void lowbit_w4_linear(const float* x, float* y, int64_t M, const lowbit_w4* w, int num_threads) {
+    const int64_t N = w->n, K = w->k, GS = w->group_size, G = K / GS;
     const __m128i low4 = _mm_set1_epi8(0x0F);
     #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
-        const uint8_t* row = packed + n * (K / 2);
+        const uint8_t* row = w->packed + n * (K / 2);
         for (int64_t m = 0; m < M; m++) {
             const float* xm = x + m * K;
-            __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-            __m256 acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
+            __m256 total = _mm256_setzero_ps();
             for (int64_t g = 0; g < G; g++) {
-                const __m256 s = _mm256_set1_ps(scales[n * G + g]);
-                const __m256 z = _mm256_set1_ps(zeros[n * G + g]);
-                for (int64_t k = g * group_size; k < (g + 1) * group_size; k += 32) {
+                const __m128i z = _mm_set1_epi8(w->zeros[n * G + g]);
+                __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+                __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+                for (int64_t k = g * GS; k < (g + 1) * GS; k += 32) {
                     const __m128i b = _mm_loadu_si128((const __m128i*)(row + k / 2));
-                    const __m128i lo = _mm_and_si128(b, low4);                      /* columns k .. k+15 */
-                    const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);   /* columns k+16 .. k+31 */
-                    __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-                    __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-                    __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-                    __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
-                    /* the weight exactly as dequantize_codes makes it: (code - zero) * scale */
-                    w0 = _mm256_mul_ps(_mm256_sub_ps(w0, z), s);
-                    w1 = _mm256_mul_ps(_mm256_sub_ps(w1, z), s);
-                    w2 = _mm256_mul_ps(_mm256_sub_ps(w2, z), s);
-                    w3 = _mm256_mul_ps(_mm256_sub_ps(w3, z), s);
-                    acc0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm + k), acc0);
-                    acc1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + k + 8), acc1);
-                    acc2 = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xm + k + 16), acc2);
-                    acc3 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xm + k + 24), acc3);
+                    /* code - zero, exact in int8: columns k .. k+15, then k+16 .. k+31 */
+                    const __m128i lo = _mm_sub_epi8(_mm_and_si128(b, low4), z);
+                    const __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), low4), z);
+                    a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), _mm256_loadu_ps(xm + k), a0);
+                    a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))),
+                                         _mm256_loadu_ps(xm + k + 8), a1);
+                    a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), _mm256_loadu_ps(xm + k + 16), a2);
+                    a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))),
+                                         _mm256_loadu_ps(xm + k + 24), a3);
                 }
+                /* the group's scale once: sum_k (code - zero) * scale * x = scale * sum_k (code - zero) * x */
+                total = _mm256_fmadd_ps(_mm256_set1_ps(w->scales[n * G + g]),
+                                        _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)), total);
             }
-            const float r = hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
-            y[m * N + n] = bias ? r + bias[n] : r;
+            const float r = hsum(total);
+            y[m * N + n] = w->bias ? r + w->bias[n] : r;
         }
     }
 }
@@ -149,8 +153,7 @@ def load():
             if not _cpu_has_avx2_fma():
                 raise RuntimeError(f"the CPU has no AVX2+FMA (torch sees {torch.backends.cpu.get_cpu_capability()})")
             fn = ctypes.CDLL(str(_build())).lowbit_w4_linear
-            p, i64 = ctypes.c_void_p, ctypes.c_int64
-            fn.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, ctypes.c_int]
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
             fn.restype = None
             _state["fn"] = fn
         except Exception as e:  # no compiler, a failed build, a CPU without AVX2: the PyTorch path runs
@@ -165,10 +168,12 @@ def load_failure() -> str | None:
     return _state.get("why")
 
 
-def supports(codes: torch.Tensor, group_size: int) -> bool:
-    """Whether `pack` takes these codes [N, K] with groups of `group_size` columns."""
+def supports(codes: torch.Tensor, zeros: torch.Tensor, group_size: int) -> bool:
+    """Whether the kernel takes codes uint8 [N, K] with zeros [N, G] in groups of `group_size`:
+    4-bit codes, zeros that fit int8 beside them, K and the group size multiples of 32."""
     k = codes.shape[1]
-    return k % COLUMN_BLOCK == 0 and group_size % COLUMN_BLOCK == 0 and k % group_size == 0
+    return (k % COLUMN_BLOCK == 0 and group_size % COLUMN_BLOCK == 0 and k % group_size == 0
+            and int(codes.max()) < 16 and int(zeros.min()) >= 0 and int(zeros.max()) < 128)
 
 
 def pack(codes: torch.Tensor) -> torch.Tensor:
@@ -178,14 +183,36 @@ def pack(codes: torch.Tensor) -> torch.Tensor:
     return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
 
 
-def int4_linear(fn, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                bias: torch.Tensor | None, group_size: int) -> torch.Tensor:
-    """x fp32 [..., K] -> fp32 [..., N]; packed [N, K/2] from `pack`, scales/zeros fp32 [N, G],
-    all contiguous, bias fp32 [N] or None."""
-    n, k = packed.shape[0], packed.shape[1] * 2
-    x2 = x.reshape(-1, k).contiguous()
-    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
-    fn(x2.data_ptr(), packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
-       None if bias is None else bias.data_ptr(), y.data_ptr(), x2.shape[0], n, k, group_size,
-       torch.get_num_threads())
-    return y.view(*x.shape[:-1], n)
+class _Layout(ctypes.Structure):  # lowbit_w4 in SOURCE
+    _fields_ = [("packed", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("zeros", ctypes.c_void_p),
+                ("bias", ctypes.c_void_p), ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("group_size", ctypes.c_int64)]
+
+
+class Int4Weight:
+    """One layer's weight in the kernel's form, and the call: `w(x)` = x @ W^T + b for fp32 x
+    [..., K]. Holds the tensors the kernel reads and a struct of their addresses, so the per-call
+    Python stays small (a decode step of a 30-layer model makes 120 of these calls)."""
+
+    __slots__ = ("fn", "packed", "scales", "zeros", "bias", "n", "k", "group_size", "_layout", "_layout_ptr")
+
+    def __init__(self, fn, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 bias: torch.Tensor | None, group_size: int):
+        """codes uint8 [N, K] (values < 16), scales [N, G], zeros [N, G] (values 0..127; G = K /
+        group_size), bias [N] or None. Copies what it keeps (packed codes, fp32 scales, int8 zeros)."""
+        self.fn = fn
+        self.n, self.k = codes.shape
+        self.group_size = group_size
+        self.packed = pack(codes)
+        self.scales = scales.float().contiguous()
+        self.zeros = zeros.to(torch.int8).contiguous()
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+        self._layout = _Layout(self.packed.data_ptr(), self.scales.data_ptr(), self.zeros.data_ptr(),
+                               None if self.bias is None else self.bias.data_ptr(), self.n, self.k, group_size)
+        self._layout_ptr = ctypes.addressof(self._layout)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_contiguous():
+            x = x.contiguous()
+        y = torch.empty(x.shape[:-1] + (self.n,), dtype=torch.float32)
+        self.fn(x.data_ptr(), y.data_ptr(), x.numel() // self.k, self._layout_ptr, torch.get_num_threads())
+        return y

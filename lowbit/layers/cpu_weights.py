@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from lowbit.errors import LowbitError
 from lowbit.layers import cpu_int4
 
 DECODE_ROWS = 8  # the int4 kernel re-reads the weight per row: beyond ~8 rows one dequantize is cheaper
@@ -35,51 +36,61 @@ MODE_ENV = "LOWBIT_CPU_PACKED_LINEAR"
 MODES = ("auto", "dequantize", "cache")
 PATHS = {"int4": "cpu int4 kernel (lowbit.layers.cpu_int4)", "dequantize": "torch dequantize + F.linear",
          "cache": "torch F.linear over the weight dequantized once"}
-_SOURCES = ("codes_nxk", "scales_nxg", "zeros_nxg", "g_idx_k", "bias")
-_ENTRY = {"int4": "_cpu_int4_weight", "cache": "_cpu_dense_weight"}  # layer.__dict__ slots: (key, value)
+_SLOTS = {"int4": "_cpu_int4_weight", "cache": "_cpu_dense_weight"}  # in layer.__dict__: a _Kept each
 
 
 def mode() -> str:
     m = os.environ.get(MODE_ENV, "auto")
     if m not in MODES:
-        from lowbit.errors import LowbitError
-
         raise LowbitError(f"{MODE_ENV}={m!r}: expected one of {', '.join(MODES)}")
     return m
 
 
-def _key(layer, dtype: torch.dtype | None) -> tuple:
-    parts: list = [dtype]
-    for name in _SOURCES:
-        t = getattr(layer, name, None)
-        parts.append(None if t is None else (id(t), t.data_ptr(), t._version))
-    return tuple(parts)
+def _sources(layer) -> tuple:
+    """The tensors a kept weight is made from (read from the module's dicts: this runs per call)."""
+    b = layer._buffers
+    return b.get("codes_nxk"), b.get("scales_nxg"), b.get("zeros_nxg"), b.get("g_idx_k"), layer._parameters.get("bias")
+
+
+def _versions(sources: tuple) -> tuple:
+    return tuple(None if t is None else t._version for t in sources)
+
+
+class _Kept:
+    __slots__ = ("sources", "versions", "dtype", "value")
+
+    def __init__(self, sources, dtype, value):
+        self.sources, self.versions, self.dtype, self.value = sources, _versions(sources), dtype, value
+
+    def fresh(self, layer, dtype) -> bool:
+        now = _sources(layer)
+        src = self.sources
+        return (dtype == self.dtype and now[0] is src[0] and now[1] is src[1] and now[2] is src[2]
+                and now[3] is src[3] and now[4] is src[4] and _versions(now) == self.versions)
 
 
 def _kept(layer, kind: str, dtype, make: Callable[[], object]):
-    """layer's kept value of `kind`, made again when the tensors it was made from changed."""
-    slot = _ENTRY[kind]
+    """The layer's kept value of `kind`, made again when the tensors it was made from changed."""
+    slot = _SLOTS[kind]
     entry = layer.__dict__.get(slot)
-    if entry is None or entry[0] != _key(layer, dtype):
+    if entry is None or not entry.fresh(layer, dtype):
         layer.__dict__[slot] = None  # free the old one first
         value = make()
         # make() may unpack (re-register) the compute form: key what it was made from
-        layer.__dict__[slot] = entry = (_key(layer, dtype), value)
-    return entry[1]
+        layer.__dict__[slot] = entry = _Kept(_sources(layer), dtype, value)
+    return entry.value
 
 
-def _int4_weight(layer):
-    """(packed [N, K/2], scales fp32 [N, G], zeros fp32 [N, G], bias fp32 or None, group size), or
-    None where the kernel does not take this layer."""
+def _int4_weight(layer) -> cpu_int4.Int4Weight | None:
+    """The layer in the int4 kernel's form; None where the kernel does not take it."""
     codes, scales, zeros = layer.codes_nxk, layer.scales_nxg, layer.zeros_nxg
     group_size = codes.shape[1] // scales.shape[1]
-    if layer.g_idx_k is not None or not cpu_int4.supports(codes, group_size) or int(codes.max()) >= 16:
+    if layer.g_idx_k is not None or not cpu_int4.supports(codes, zeros, group_size):
         return None
-    bias = None if layer.bias is None else layer.bias.detach().float().contiguous()
-    return (cpu_int4.pack(codes), scales.float().contiguous(), zeros.float().contiguous(), bias, group_size)
+    return cpu_int4.Int4Weight(cpu_int4.load(), codes, scales, zeros, layer.bias, group_size)
 
 
-def _choose(layer, x: torch.Tensor) -> tuple[str, tuple | None]:
+def _choose(layer, x: torch.Tensor) -> tuple[str, cpu_int4.Int4Weight | None]:
     """-> (the path for this x, the layer's int4 weight where that path is "int4")."""
     m = mode()
     if m != "auto":
@@ -89,7 +100,7 @@ def _choose(layer, x: torch.Tensor) -> tuple[str, tuple | None]:
     weight = _kept(layer, "int4", None, lambda: _int4_weight(layer))
     if weight is None:
         return "cache", None
-    return ("int4", weight) if x.numel() // x.shape[-1] <= DECODE_ROWS else ("dequantize", None)
+    return ("int4", weight) if x.numel() <= DECODE_ROWS * x.shape[-1] else ("dequantize", None)
 
 
 def path_for(layer, x: torch.Tensor) -> str:
@@ -99,11 +110,16 @@ def path_for(layer, x: torch.Tensor) -> str:
 
 def cpu_linear(layer, x: torch.Tensor, dequantize: Callable[[torch.dtype], torch.Tensor]) -> torch.Tensor:
     """y = x @ W^T + b for a packed layer on the CPU; `dequantize(dtype)` gives W [out, in]."""
+    kept = layer.__dict__.get(_SLOTS["int4"])
+    # the decode step's case first, in as few Python operations as possible
+    if (kept is not None and kept.value is not None and x.dtype == torch.float32
+            and x.numel() <= DECODE_ROWS * kept.value.k and kept.fresh(layer, None) and mode() == "auto"):
+        layer.__dict__["_cpu_linear_path"] = "int4"
+        return kept.value(x)
     path, weight = _choose(layer, x)
     layer.__dict__["_cpu_linear_path"] = path  # what ran last, for reports
     if path == "int4":
-        packed, scales, zeros, bias, group_size = weight
-        return cpu_int4.int4_linear(cpu_int4.load(), x, packed, scales, zeros, bias, group_size)
+        return weight(x)
     if path == "cache":
         return nn.functional.linear(x, _kept(layer, "cache", x.dtype, lambda: dequantize(x.dtype)), layer.bias)
     return nn.functional.linear(x, dequantize(x.dtype), layer.bias)
@@ -116,5 +132,5 @@ def last_path(layer) -> str | None:
 
 def drop_kept(layer) -> None:
     """Frees what the layer keeps for the CPU (made again on the next call)."""
-    for slot in _ENTRY.values():
+    for slot in _SLOTS.values():
         layer.__dict__.pop(slot, None)

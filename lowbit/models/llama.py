@@ -92,9 +92,20 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, f"{prefix}.mlp", method_for, dtype, fused)
 
     def forward(self, x, cos, sin, cache=None):
-        h = self.self_attn(self.input_layernorm(x), cos, sin, cache, self.idx)
-        h, x = self.post_attention_layernorm(h, residual=x)  # x + h, and its norm: one pass
-        return x + self.mlp(h)
+        """x -> the residual stream after this layer."""
+        h, residual = self.step(x, None, cos, sin, cache)
+        return residual + h
+
+    def step(self, h, residual, cos, sin, cache=None):
+        """The residual stream kept as two terms, h + residual (vLLM's layout), so that every add
+        runs inside the RMSNorm kernel after it: -> (this layer's MLP output, the residual)."""
+        if residual is None:
+            h, residual = self.input_layernorm(h), h
+        else:
+            h, residual = self.input_layernorm(h, residual)  # (norm(h + residual), h + residual)
+        h = self.self_attn(h, cos, sin, cache, self.idx)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class Backbone(nn.Module):
@@ -131,8 +142,9 @@ class LlamaModel(nn.Module):
     def rope(self, positions: torch.Tensor, dtype: torch.dtype):
         return self.rotary.cos_sin(positions, dtype)
 
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        h = self.model.norm(h)
+    def head(self, h: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The final norm (of h + residual when given) and the output projection."""
+        h = self.model.norm(h) if residual is None else self.model.norm(h, residual)[0]
         if self.lm_head is None:
             return nn.functional.linear(h, self.model.embed_tokens.weight)
         return self.lm_head(h)
@@ -144,12 +156,12 @@ class LlamaModel(nn.Module):
             start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
             positions = positions.expand(input_ids.shape[0], -1)
-        h = self.embed(input_ids)
+        h, residual = self.embed(input_ids), None
         cos, sin = self.rope(positions, h.dtype)
         for layer in self.model.layers:
-            h = layer(h, cos, sin, cache)
+            h, residual = layer.step(h, residual, cos, sin, cache)
         if cache is not None:
             cache.advance(input_ids.shape[1])
         if last_only:
-            h = h[:, -1:]
-        return self.head(h).float()
+            h, residual = h[:, -1:], residual[:, -1:]
+        return self.head(h, residual).float()

@@ -1,0 +1,188 @@
+"""CPU decode: the quickstart's 4-bit model through our engine against transformers' fp32 model.
+
+    .venv/bin/python benchmarks/bench_cpu.py                 # 2 threads, 128 new tokens
+    .venv/bin/python benchmarks/bench_cpu.py --threads 4 --new-tokens 64
+
+The model is the quickstart's AWQ w4 g64 checkpoint of SmolLM2-135M-Instruct (made into --ckpt
+with `lowbit quantize awq default --w-bits 4 --group-size 64 --calib-dataset wikitext2
+--calib-samples 4 --calib-seqlen 256` when it is not there). The prompt is the quickstart's, through
+the chat template; decoding is greedy. Each run is timed after one warm-up of the same request:
+
+  ours          what `lowbit generate` runs: the engine, one request, a KV cache of prompt + new
+                tokens; AWQ layers through `lowbit.layers.cpu_weights` (the int4 kernel at decode)
+  reference     the same with LOWBIT_CPU_PACKED_LINEAR=dequantize: every AWQ matmul dequantizes its
+                weight first, the numerics (and speed) of the CPU path before the int4 kernel
+  cache         LOWBIT_CPU_PACKED_LINEAR=cache: the weight dequantized once and kept (fp32)
+  transformers  LlamaForCausalLM with the dense fp32 weights (read from the default GGUF by
+                transformers' own reader), `generate(do_sample=False)`, the same prompt ids
+
+Our tokens must equal the reference's (printed, and `tokens_equal_reference` in the JSON; exit 1
+if not). Both runs make exactly --new-tokens tokens (ours ignore_eos, transformers min_new_tokens),
+and tokens/s counts them over the wall time from the request to the last token (prefill included);
+`decode_tokens_per_s` leaves the first token (prefill) out.
+
+Writes benchmarks/results/bench_cpu.json (or --out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PROMPT = "What are three tips for writing clear code?"  # scripts/quickstart.sh's
+QUANTIZE = dict(method="awq", w_bits=4, group_size=64, calib_dataset="wikitext2", calib_samples=4, calib_seqlen=256)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def ensure_checkpoint(path: Path) -> None:
+    if (path / "config.json").exists():
+        return
+    from lowbit.quant.api import quantize
+
+    q = dict(QUANTIZE)
+    print(f"making {path} ({q})", flush=True)
+    quantize("default", q.pop("method"), path, device="cpu", log=lambda line: print(line, flush=True), **q)
+
+
+def time_ours(llm, ids: list[int], new_tokens: int, mode: str) -> dict:
+    """One warm-up, then one timed run of the request with LOWBIT_CPU_PACKED_LINEAR=mode."""
+    from lowbit.engine.sampling_params import SamplingParams
+
+    os.environ["LOWBIT_CPU_PACKED_LINEAR"] = mode
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    try:
+        for _ in llm.iter_outputs(ids, params):  # warm-up: packs / caches weights, warms the allocator
+            pass
+        t0 = time.perf_counter()
+        first = None
+        for out in llm.iter_outputs(ids, params):
+            first = first if first is not None else time.perf_counter()
+        end = time.perf_counter()
+    finally:
+        os.environ.pop("LOWBIT_CPU_PACKED_LINEAR", None)
+    return _rates(out.token_ids, t0, first, end)
+
+
+def time_transformers(gguf: Path, ids: list[int], new_tokens: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+
+    class FirstToken(BaseStreamer):  # generate() puts the prompt first, then each new token
+        def __init__(self):
+            self.puts, self.first = 0, None
+
+        def put(self, value):
+            self.puts += 1
+            if self.puts == 2 and self.first is None:
+                self.first = time.perf_counter()
+
+        def end(self):
+            pass
+
+    x = torch.tensor([ids])
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+              attention_mask=torch.ones_like(x))
+    with torch.inference_mode():
+        model.generate(x, **kw)  # warm-up
+        streamer = FirstToken()
+        t0 = time.perf_counter()
+        out = model.generate(x, streamer=streamer, **kw)
+        end = time.perf_counter()
+    return _rates(out[0, len(ids):].tolist(), t0, streamer.first, end)
+
+
+def _rates(tokens: list[int], t0: float, first: float | None, end: float) -> dict:
+    n = len(tokens)
+    decode_s = end - first if first is not None else None
+    return {"new_tokens": n, "seconds": end - t0, "tokens_per_s": n / (end - t0),
+            "first_token_s": None if first is None else first - t0,
+            "decode_tokens_per_s": (n - 1) / decode_s if decode_s else None, "tokens": tokens}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ckpt", type=Path, default=ROOT / "out" / "smollm2-135m-awq-w4g64")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_cpu.json")
+    ap.add_argument("--no-cache-run", action="store_true", help="skip the dequantize-once run")
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import transformers
+
+    from lowbit.layers import cpu_int4, cpu_weights
+    from lowbit.loading.loader import load_model
+    from lowbit.models.default import default_model_path
+    from lowbit.serve.one_prompt import engine_for_one, prompt_ids
+
+    ensure_checkpoint(args.ckpt)
+    loaded = load_model(args.ckpt, "fp32", "cpu")
+    ids = prompt_ids(loaded[1], PROMPT)
+    llm = engine_for_one(loaded, len(ids), args.new_tokens)
+    runs = {}
+    for name, mode in (("ours", "auto"), ("reference", "dequantize"), ("cache", "cache")):
+        if name == "cache" and args.no_cache_run:
+            continue
+        runs[name] = time_ours(llm, ids, args.new_tokens, mode)
+        print(f"{name:12s} {runs[name]['tokens_per_s']:6.2f} tokens/s", flush=True)
+        if name == "ours":
+            packed = [m for m in loaded[0].modules() if hasattr(m, "codes_nxk")]
+            paths = {}
+            for m in packed:
+                paths[cpu_weights.last_path(m)] = paths.get(cpu_weights.last_path(m), 0) + 1
+        for m in loaded[0].modules():  # each run starts from the checkpoint's form
+            cpu_weights.drop_kept(m)
+    runs["transformers"] = time_transformers(default_model_path(), ids, args.new_tokens)
+    print(f"{'transformers':12s} {runs['transformers']['tokens_per_s']:6.2f} tokens/s", flush=True)
+
+    ours, ref = runs["ours"]["tokens"], runs["reference"]["tokens"]
+    first_diff = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), None)
+    equal = ours == ref
+    rec = {
+        "prompt": PROMPT, "prompt_tokens": len(ids), "new_tokens": args.new_tokens, "checkpoint": str(args.ckpt),
+        "quantize": QUANTIZE, "greedy": True,
+        "tokens_per_s": {k: v["tokens_per_s"] for k, v in runs.items()},
+        "decode_tokens_per_s": {k: v["decode_tokens_per_s"] for k, v in runs.items()},
+        "first_token_s": {k: v["first_token_s"] for k, v in runs.items()},
+        "ratio_ours_over_transformers": runs["ours"]["tokens_per_s"] / runs["transformers"]["tokens_per_s"],
+        "ratio_ours_over_reference": runs["ours"]["tokens_per_s"] / runs["reference"]["tokens_per_s"],
+        "tokens_equal_reference": equal, "first_differing_token": first_diff,
+        "packed_linear_paths_at_decode": {cpu_weights.PATHS.get(k, str(k)): v for k, v in paths.items()},
+        "int4_kernel_failure": cpu_int4.load_failure(),
+        "text": loaded[1].decode(ours),
+        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+        "cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "runs": runs,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rec, indent=1) + "\n")
+    print(f"ours / transformers = {rec['ratio_ours_over_transformers']:.2f}x, ours / reference = "
+          f"{rec['ratio_ours_over_reference']:.2f}x; tokens equal to the reference: {equal}; wrote {args.out}")
+    return 0 if equal else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
