@@ -1,11 +1,34 @@
 """`lowbit generate` and `lowbit chat` on the default model, as a user runs them."""
+import os
+import subprocess
+import sys
+import time
+
 from conftest import run_cli
 
+from lowbit.engine.llm import LLM
+from lowbit.engine.sampling_params import SamplingParams
 
-def test_generate_streams_an_answer():
-    r = run_cli("generate", "default", "-p", "What is the capital of France?", "--max-new-tokens", "20")
-    assert r.returncode == 0, r.stderr
-    assert "Paris" in r.stdout
+
+def test_generate_streams_the_engines_greedy_answer(smol):
+    """The answer arrives piece by piece while the process runs, and is LLM.generate's text."""
+    question, n = "What is the capital of France? Answer in two sentences.", 32
+    proc = subprocess.Popen([sys.executable, "-m", "lowbit.cli", "generate", "default", "-p", question,
+                             "--max-new-tokens", str(n)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    arrivals, out = [], b""
+    while chunk := os.read(proc.stdout.fileno(), 4096):
+        arrivals.append(time.monotonic())
+        out += chunk
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=600) == 0, err
+    assert len(arrivals) >= 3, "the answer came in one piece: not streamed"
+    assert arrivals[-1] - arrivals[0] > 0.05
+    expect = LLM(smol, max_batch_size=1, max_model_len=128, num_kv_blocks=8).chat(
+        [{"role": "user", "content": question}], SamplingParams(max_tokens=n))[0]
+    assert "Paris" in expect.text
+    assert out.decode() == expect.text
+    assert f"[{len(expect.token_ids)} tokens;" in err
 
 
 def test_chat_keeps_history_and_resets():

@@ -164,3 +164,15 @@ def test_stream_never_sends_text_a_stop_string_removes(smol, prompt_ids, alone):
     full = smol[1].decode(alone[2])
     assert outs[-1].text == full[:full.index(" 7,")] == "".join(o.delta_text for o in outs)
     assert all(o.text.startswith(prev.text) for prev, o in zip(outs, outs[1:]))
+
+
+def test_iter_outputs_streams_in_this_thread_and_closing_it_aborts(smol, prompt_ids, alone):
+    llm = _llm(smol)
+    outs = list(llm.iter_outputs(prompt_ids[1], SamplingParams(max_tokens=MAX_TOKENS)))
+    assert [t for o in outs for t in o.delta_token_ids] == alone[1] and outs[-1].finished
+    assert "".join(o.delta_text for o in outs) == outs[-1].text
+    it = llm.iter_outputs(prompt_ids[3], SamplingParams(max_tokens=100))
+    assert not next(it).finished
+    it.close()  # a caller that stops reading (or Ctrl-C) ends the request
+    assert not llm.engine.has_unfinished() and llm.engine.block_manager.num_free_blocks == 64
+

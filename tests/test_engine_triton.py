@@ -3,9 +3,15 @@ Triton's interpreter on the CPU (on the GPU where there is one): the same greedy
 PyTorch path, with fp16/int8/int4 KV, chunked prefill mixing decodes and prompt chunks, and
 decode replayed through the graph buffers with no host-side lengths. The tiny dummy preset keeps
 the interpreter fast."""
+import os
+
 from lowbit.kernels.testing import device_for_tests
 
 DEV = device_for_tests()  # before any kernel module is imported: it picks GPU or interpreter
+# fp32 dots in IEEE fp32 on a GPU too (Triton's default there is tf32, the interpreter's is fp32):
+# with int4 KV a tf32-sized difference in attention can flip a code, and so a token, of the tiny
+# random model, whose logits lie close together. Read when the kernels compile (part of their cache key).
+os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -1,0 +1,119 @@
+"""The CPU matmul of AWQ / GPTQ layers (lowbit/layers/cpu_weights.py, cpu_int4.py) against the
+reference: dequantize the whole weight, then F.linear."""
+import pytest
+import torch
+from torch.nn import functional as F
+
+from lowbit.formats import awq_format, gptq_format
+from lowbit.layers import cpu_int4, cpu_weights
+from lowbit.layers.linear import QLinear
+from lowbit.layers.quantized_linear import AWQLinearMethod, GPTQLinearMethod, dequantize_codes
+
+needs_kernel = pytest.mark.skipif(cpu_int4.load() is None, reason=f"no CPU int4 kernel: {cpu_int4.load_failure()}")
+
+
+def _codes(out_f, in_f, group_size, seed):
+    g = torch.Generator().manual_seed(seed)
+    n_groups = in_f // group_size
+    codes = torch.randint(0, 16, (out_f, in_f), generator=g).to(torch.uint8)
+    scales = (torch.rand(out_f, n_groups, generator=g) * 0.02 + 0.002).half()  # as a checkpoint stores them
+    zeros = torch.randint(0, 16, (out_f, n_groups), generator=g).to(torch.int32)
+    return codes, scales, zeros
+
+
+def _awq_layer(out_f, in_f, group_size, seed, bias=False):
+    """A QLinear in the AutoAWQ GEMM layout, loaded as the loader does (tensors, then after_load)."""
+    codes, scales, zeros = _codes(out_f, in_f, group_size, seed)
+    layer = QLinear(in_f, out_f, bias, AWQLinearMethod(4, group_size, prefix="test"), torch.float32)
+    _fill(layer, awq_format.pack(codes, scales.float(), zeros), seed)
+    return layer
+
+
+def _fill(layer, tensors, seed):
+    for name, t in tensors.items():
+        getattr(layer, name).copy_(t)
+    if layer.bias is not None:
+        layer.bias.copy_(torch.randn(layer.out_features, generator=torch.Generator().manual_seed(seed + 1)))
+    layer.method.after_load(layer)
+
+
+def _reference(layer, x):
+    return F.linear(x, layer.dequantized_weight(), layer.bias)
+
+
+def _close(y, ref):
+    # fp32 sums of 576..1536 products in another order: a few ulp of the largest partial sums
+    assert (y - ref).abs().max().item() <= 2e-5 * ref.abs().max().item() + 1e-6
+
+
+@needs_kernel
+@pytest.mark.parametrize("out_f,in_f,group_size,rows", [(960, 576, 64, 1), (192, 576, 64, 3), (576, 1536, 128, 1),
+                                                        (64, 256, 32, 8), (96, 256, 256, 2)])
+def test_int4_kernel_equals_dequantize_then_linear(out_f, in_f, group_size, rows):
+    codes, scales, zeros = _codes(out_f, in_f, group_size, seed=out_f + rows)
+    bias = torch.randn(out_f)
+    w = cpu_int4.Int4Weight(cpu_int4.load(), codes, scales, zeros, bias, group_size)
+    x = torch.randn(1, rows, in_f)
+    ref = F.linear(x, dequantize_codes(codes, scales, zeros, None, torch.float32), bias)
+    y = w(x)
+    assert y.shape == ref.shape and y.dtype == torch.float32
+    _close(y, ref)
+    _close(w(x[0].t().contiguous().t()), ref[0])  # a non-contiguous 2-D x
+
+
+@needs_kernel
+def test_packed_layer_takes_the_kernel_at_decode_and_dequantizes_for_prompts(monkeypatch):
+    layer = _awq_layer(960, 576, 64, seed=0, bias=True)
+    decode, prompt = torch.randn(1, 1, 576), torch.randn(1, 40, 576)
+    _close(layer(decode), _reference(layer, decode))
+    assert cpu_weights.last_path(layer) == "int4"
+    assert torch.equal(layer(prompt), _reference(layer, prompt))  # the reference path itself
+    assert cpu_weights.last_path(layer) == "dequantize"
+    for mode in ("cache", "dequantize"):
+        monkeypatch.setenv(cpu_weights.MODE_ENV, mode)
+        assert torch.equal(layer(decode), _reference(layer, decode))
+        assert cpu_weights.last_path(layer) == mode
+
+
+def test_layers_the_kernel_does_not_take_keep_the_dequantized_weight():
+    """GPTQ act-order (a g_idx that is not column // group): dequantized once, kept, exact."""
+    out_f, in_f, group_size, bits = 64, 128, 32, 4
+    codes, scales, zeros = _codes(out_f, in_f, group_size, seed=3)
+    zeros = zeros.clamp(1, 15)  # v1 stores zero - 1 in 4 bits
+    g_idx = (torch.randperm(in_f, generator=torch.Generator().manual_seed(4)) // group_size).to(torch.int32)
+    layer = QLinear(in_f, out_f, False, GPTQLinearMethod(bits, group_size, prefix="test"), torch.float32)
+    _fill(layer, gptq_format.pack(codes, scales.float(), zeros, bits, group_size, g_idx), seed=3)
+    assert layer.g_idx_k is not None
+    x = torch.randn(1, 1, in_f)
+    assert torch.equal(layer(x), _reference(layer, x))
+    assert cpu_weights.last_path(layer) == "cache"
+    kept = layer.__dict__["_cpu_dense_weight"].value
+    layer(x)
+    assert layer.__dict__["_cpu_dense_weight"].value is kept  # made once
+
+
+@pytest.mark.parametrize("mode", ["auto", "cache"])
+def test_kept_weight_is_remade_when_the_weights_are_reloaded(mode, monkeypatch):
+    monkeypatch.setenv(cpu_weights.MODE_ENV, mode)
+    layer = _awq_layer(192, 576, 64, seed=5)
+    x = torch.randn(1, 1, 576)
+    before = layer(x)
+    # load another checkpoint's tensors into the same layer, as the loader does
+    codes, scales, zeros = _codes(192, 576, 64, seed=6)
+    _fill(layer, awq_format.pack(codes, scales.float(), zeros), seed=6)
+    after = layer(x)
+    assert not torch.allclose(before, after)
+    _close(after, _reference(layer, x))
+    # an in-place change of the compute form is seen too
+    layer.codes_nxk.copy_(15 - layer.codes_nxk)
+    _close(layer(x), _reference(layer, x))
+    cpu_weights.drop_kept(layer)
+    _close(layer(x), _reference(layer, x))
+
+
+def test_an_unknown_mode_says_which_are_known(monkeypatch):
+    from lowbit.errors import LowbitError
+
+    monkeypatch.setenv(cpu_weights.MODE_ENV, "fast")
+    with pytest.raises(LowbitError, match="auto, dequantize, cache"):
+        _awq_layer(64, 256, 64, seed=7)(torch.randn(1, 256))
