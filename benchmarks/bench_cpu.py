@@ -6,7 +6,9 @@
 The model is the quickstart's AWQ w4 g64 checkpoint of SmolLM2-135M-Instruct (made into --ckpt
 with `lowbit quantize awq default --w-bits 4 --group-size 64 --calib-dataset wikitext2
 --calib-samples 4 --calib-seqlen 256` when it is not there). The prompt is the quickstart's, through
-the chat template; decoding is greedy. Each run is timed after one warm-up of the same request:
+the chat template; decoding is greedy. After one warm-up run of each, --rounds rounds run each
+configuration once, interleaved (a busy moment of a shared machine hits all alike); each keeps its
+best run, and the median goes into the JSON too:
 
   ours          what `lowbit generate` runs: the engine, one request, a KV cache of prompt + new
                 tokens; AWQ layers through `lowbit.layers.cpu_weights` (the int4 kernel at decode)
@@ -60,26 +62,27 @@ def ensure_checkpoint(path: Path) -> None:
     quantize("default", q.pop("method"), path, device="cpu", log=lambda line: print(line, flush=True), **q)
 
 
-def time_ours(llm, ids: list[int], new_tokens: int, mode: str) -> dict:
-    """One warm-up, then one timed run of the request with LOWBIT_CPU_PACKED_LINEAR=mode."""
+def ours_runner(llm, ids: list[int], new_tokens: int, mode: str):
+    """-> a function that runs the request once with LOWBIT_CPU_PACKED_LINEAR=mode and times it."""
     from lowbit.engine.sampling_params import SamplingParams
 
-    os.environ["LOWBIT_CPU_PACKED_LINEAR"] = mode
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
-    try:
-        for _ in llm.iter_outputs(ids, params):  # warm-up: packs / caches weights, warms the allocator
-            pass
-        t0 = time.perf_counter()
-        first = None
-        for out in llm.iter_outputs(ids, params):
-            first = first if first is not None else time.perf_counter()
-        end = time.perf_counter()
-    finally:
-        os.environ.pop("LOWBIT_CPU_PACKED_LINEAR", None)
-    return _rates(out.token_ids, t0, first, end)
+
+    def run() -> dict:
+        os.environ["LOWBIT_CPU_PACKED_LINEAR"] = mode
+        try:
+            t0, first = time.perf_counter(), None
+            for out in llm.iter_outputs(ids, params):
+                first = first if first is not None else time.perf_counter()
+            end = time.perf_counter()
+        finally:
+            os.environ.pop("LOWBIT_CPU_PACKED_LINEAR", None)
+        return _rates(out.token_ids, t0, first, end)
+
+    return run
 
 
-def time_transformers(gguf: Path, ids: list[int], new_tokens: int) -> dict:
+def transformers_runner(gguf: Path, ids: list[int], new_tokens: int):
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.generation.streamers import BaseStreamer
@@ -92,7 +95,7 @@ def time_transformers(gguf: Path, ids: list[int], new_tokens: int) -> dict:
 
         def put(self, value):
             self.puts += 1
-            if self.puts == 2 and self.first is None:
+            if self.puts == 2:
                 self.first = time.perf_counter()
 
         def end(self):
@@ -101,13 +104,16 @@ def time_transformers(gguf: Path, ids: list[int], new_tokens: int) -> dict:
     x = torch.tensor([ids])
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
               attention_mask=torch.ones_like(x))
-    with torch.inference_mode():
-        model.generate(x, **kw)  # warm-up
+
+    def run() -> dict:
         streamer = FirstToken()
-        t0 = time.perf_counter()
-        out = model.generate(x, streamer=streamer, **kw)
-        end = time.perf_counter()
-    return _rates(out[0, len(ids):].tolist(), t0, streamer.first, end)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            out = model.generate(x, streamer=streamer, **kw)
+            end = time.perf_counter()
+        return _rates(out[0, len(ids):].tolist(), t0, streamer.first, end)
+
+    return run
 
 
 def _rates(tokens: list[int], t0: float, first: float | None, end: float) -> dict:
@@ -124,6 +130,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_cpu.json")
+    ap.add_argument("--rounds", type=int, default=3, help="timed runs of each, interleaved; the best is kept")
     ap.add_argument("--no-cache-run", action="store_true", help="skip the dequantize-once run")
     args = ap.parse_args()
 
@@ -141,41 +148,50 @@ def main() -> int:
     loaded = load_model(args.ckpt, "fp32", "cpu")
     ids = prompt_ids(loaded[1], PROMPT)
     llm = engine_for_one(loaded, len(ids), args.new_tokens)
-    runs = {}
-    for name, mode in (("ours", "auto"), ("reference", "dequantize"), ("cache", "cache")):
-        if name == "cache" and args.no_cache_run:
-            continue
-        runs[name] = time_ours(llm, ids, args.new_tokens, mode)
-        print(f"{name:12s} {runs[name]['tokens_per_s']:6.2f} tokens/s", flush=True)
-        if name == "ours":
-            packed = [m for m in loaded[0].modules() if hasattr(m, "codes_nxk")]
-            paths = {}
-            for m in packed:
-                paths[cpu_weights.last_path(m)] = paths.get(cpu_weights.last_path(m), 0) + 1
-        for m in loaded[0].modules():  # each run starts from the checkpoint's form
-            cpu_weights.drop_kept(m)
-    runs["transformers"] = time_transformers(default_model_path(), ids, args.new_tokens)
-    print(f"{'transformers':12s} {runs['transformers']['tokens_per_s']:6.2f} tokens/s", flush=True)
+    runners = {"ours": ours_runner(llm, ids, args.new_tokens, "auto"),
+               "reference": ours_runner(llm, ids, args.new_tokens, "dequantize")}
+    if not args.no_cache_run:
+        runners["cache"] = ours_runner(llm, ids, args.new_tokens, "cache")
+    runners["transformers"] = transformers_runner(default_model_path(), ids, args.new_tokens)
+    for run in runners.values():  # warm-up: packs / keeps weights, warms allocators and caches
+        run()
+    packed = [m for m in loaded[0].modules() if hasattr(m, "codes_nxk")]
+    runners["ours"]()
+    paths: dict[str, int] = {}
+    for m in packed:
+        p = cpu_weights.PATHS.get(cpu_weights.last_path(m), str(cpu_weights.last_path(m)))
+        paths[p] = paths.get(p, 0) + 1
+    # rounds of one run each, interleaved, so that a busy moment of the machine hits all alike;
+    # each configuration keeps its best run (timeit's convention) and the median is recorded too
+    all_runs: dict[str, list[dict]] = {k: [] for k in runners}
+    for r in range(args.rounds):
+        for name, run in runners.items():
+            all_runs[name].append(run())
+            print(f"round {r + 1}: {name:12s} {all_runs[name][-1]['tokens_per_s']:6.2f} tokens/s", flush=True)
+    runs = {k: max(v, key=lambda rec: rec["tokens_per_s"]) for k, v in all_runs.items()}
+    medians = {k: sorted(rec["tokens_per_s"] for rec in v)[len(v) // 2] for k, v in all_runs.items()}
 
     ours, ref = runs["ours"]["tokens"], runs["reference"]["tokens"]
     first_diff = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), None)
-    equal = ours == ref
+    equal = all(r["tokens"] == ref for name in ("ours", "reference") for r in all_runs[name])
     rec = {
         "prompt": PROMPT, "prompt_tokens": len(ids), "new_tokens": args.new_tokens, "checkpoint": str(args.ckpt),
         "quantize": QUANTIZE, "greedy": True,
         "tokens_per_s": {k: v["tokens_per_s"] for k, v in runs.items()},
+        "median_tokens_per_s": medians, "rounds": args.rounds,
         "decode_tokens_per_s": {k: v["decode_tokens_per_s"] for k, v in runs.items()},
         "first_token_s": {k: v["first_token_s"] for k, v in runs.items()},
         "ratio_ours_over_transformers": runs["ours"]["tokens_per_s"] / runs["transformers"]["tokens_per_s"],
         "ratio_ours_over_reference": runs["ours"]["tokens_per_s"] / runs["reference"]["tokens_per_s"],
         "tokens_equal_reference": equal, "first_differing_token": first_diff,
-        "packed_linear_paths_at_decode": {cpu_weights.PATHS.get(k, str(k)): v for k, v in paths.items()},
+        "packed_linear_paths_at_decode": paths,
         "int4_kernel_failure": cpu_int4.load_failure(),
         "text": loaded[1].decode(ours),
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
         "cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "runs": runs,
+        "runs": {k: [{kk: vv for kk, vv in rec.items() if kk != "tokens"} for rec in v] for k, v in all_runs.items()},
+        "tokens": {k: v["tokens"] for k, v in runs.items()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rec, indent=1) + "\n")

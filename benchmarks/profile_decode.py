@@ -24,20 +24,22 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 
-def decode_profile(arch: str, w_bits: int, steps: int, kv_bits: int = 16, enforce_eager: bool = False) -> dict:
+def decode_profile(arch: str, w_bits: int, steps: int, kv_bits: int = 16, enforce_eager: bool = False,
+                   batch: int = 1) -> dict:
     from lowbit.bench.common import environment
     from lowbit.engine.llm import LLM
     from lowbit.engine.sampling_params import SamplingParams
     from lowbit.loading.dummy import build_dummy_model
 
     triple = build_dummy_model(arch, w_bits, 128)
-    llm = LLM(triple, kv_bits=kv_bits, max_batch_size=1, max_model_len=steps * 2 + 64,
+    llm = LLM(triple, kv_bits=kv_bits, max_batch_size=batch, max_model_len=steps * 2 + 64,
               enforce_eager=enforce_eager, gpu_memory_utilization=0.5)
     params = SamplingParams(max_tokens=steps, ignore_eos=True)
-    llm.generate([[1]], SamplingParams(max_tokens=16, ignore_eos=True))  # warm-up (tuning, compile)
+    prompts = [[1 + i] for i in range(batch)]  # `batch` sequences decoding together
+    llm.generate(prompts, SamplingParams(max_tokens=16, ignore_eos=True))  # warm-up (tuning, compile)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    llm.generate([[1]], params)
+    llm.generate(prompts, params)
     torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     step_us = wall / steps * 1e6
@@ -45,7 +47,7 @@ def decode_profile(arch: str, w_bits: int, steps: int, kv_bits: int = 16, enforc
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        llm.generate([[1]], params)
+        llm.generate(prompts, params)
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     by_name: dict[str, list[float]] = defaultdict(list)
@@ -56,7 +58,8 @@ def decode_profile(arch: str, w_bits: int, steps: int, kv_bits: int = 16, enforc
     rows = sorted(({"kernel": k[:120], "calls_per_step": len(v) / steps, "us_per_step": sum(v) / steps,
                     "us_per_call": sum(v) / len(v)} for k, v in by_name.items()),
                   key=lambda r: -r["us_per_step"])
-    return {"arch": arch, "w_bits": w_bits, "kv_bits": kv_bits, "steps": steps, "cuda_graphs": llm.engine.runner.graph_status,
+    return {"arch": arch, "w_bits": w_bits, "kv_bits": kv_bits, "steps": steps, "batch": batch,
+            "output_tokens_per_s_timed": batch * 1e6 / step_us, "cuda_graphs": llm.engine.runner.graph_status,
             "step_us_timed": step_us, "tokens_per_s_timed": 1e6 / step_us,
             "kernels_per_step": len(kernels) / steps, "kernel_us_per_step": total_us / steps,
             "profiled_span_us_per_step": span / steps, "env": environment(torch.device("cuda")), "rows": rows}
@@ -69,15 +72,17 @@ def main() -> None:
     ap.add_argument("--kv-bits", type=int, default=16)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--eager", action="store_true")
+    ap.add_argument("--batch", type=int, default=1, help="sequences decoding together")
     ap.add_argument("--out", default=os.environ.get("OUT") or "profile-out")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for w in args.w_bits:
-        rec = decode_profile(args.arch, w, args.steps, args.kv_bits, args.eager)
+        rec = decode_profile(args.arch, w, args.steps, args.kv_bits, args.eager, args.batch)
         rec["command"] = " ".join(sys.argv)
-        (out / f"profile_{args.arch}_w{w}_kv{args.kv_bits}.json").write_text(json.dumps(rec, indent=1, default=str))
-        print(f"\n== {args.arch} w{w} kv{args.kv_bits}: {rec['tokens_per_s_timed']:.1f} tok/s, step "
+        (out / f"profile_{args.arch}_w{w}_kv{args.kv_bits}_b{args.batch}.json").write_text(json.dumps(rec, indent=1, default=str))
+        print(f"\n== {args.arch} w{w} kv{args.kv_bits} batch {args.batch}: {rec['output_tokens_per_s_timed']:.1f} "
+              f"output tok/s, step "
               f"{rec['step_us_timed']:.0f} us, {rec['kernels_per_step']:.0f} kernels/step, kernel time "
               f"{rec['kernel_us_per_step']:.0f} us/step, span {rec['profiled_span_us_per_step']:.0f} us/step "
               f"({rec['cuda_graphs']})")
