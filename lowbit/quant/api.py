@@ -101,6 +101,10 @@ def quantize(model: str | Path | torch.nn.Module = "default", method: str = "awq
         if tokenizer is None:
             raise LowbitError("quantize(model=<loaded model>) needs tokenizer=")
         net = model
+        merged = [n for n, m in net.named_modules() if getattr(m, "shards", None)]
+        if merged:
+            raise LowbitError(f"{merged[0]}: q/k/v (gate/up) are merged for inference; quantizers work on each "
+                              f"projection: load the model with build_model(..., fused=False)")
     else:
         ckpt = open_checkpoint(resolve_model(str(model)))
         if ckpt.quant:
