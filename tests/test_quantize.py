@@ -265,10 +265,15 @@ def test_bad_bits_and_busy_work_dir_are_refused(tmp_path):
     assert [p.name for p in busy.iterdir()] == ["keep.txt"]
 
 
-def test_already_quantized_and_short_calibration_are_refused(written, smol, tmp_path):
+def test_already_quantized_and_short_calibration_are_refused(written, smol, gguf_path, tmp_path):
+    from lowbit.loading.loader import build_model, open_checkpoint
+
     with pytest.raises(LowbitError, match="already quantized"):
         lowbit.quantize(written["awq"][0], "rtn", tmp_path / "again", log=None)
-    model, tok, _ = smol
+    merged, tok, _ = smol  # loaded for inference: q/k/v and gate/up merged
+    with pytest.raises(LowbitError, match=r"model.layers.0.self_attn.qkv_proj: .*fused=False"):
+        lowbit.quantize(merged, "gptq", tmp_path / "merged", tokenizer=tok, group_size=64, log=None)
+    model = build_model(open_checkpoint(gguf_path), torch.float32, "cpu", fused=False)
     with pytest.raises(LowbitError, match=r"--calib-samples 500 x --calib-seqlen 2048 .* were requested"):
         lowbit.quantize(model, "gptq", tmp_path / "short", tokenizer=tok, group_size=64, calib_samples=500,
                         calib_seqlen=2048, log=None)
