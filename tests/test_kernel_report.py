@@ -43,6 +43,10 @@ def test_the_w4a16_kernel_failing_to_import_is_an_error_not_the_slow_path(monkey
     layer = model.model.layers[0].self_attn.o_proj
     layer.method._kernel_weight = None  # not tried yet, as on a GPU at load
     monkeypatch.setitem(sys.modules, "lowbit.kernels.w4a16", None)
+    import lowbit.kernels
+
+    # `from lowbit.kernels import w4a16` reads the package attribute first where an earlier test imported it
+    monkeypatch.delattr(lowbit.kernels, "w4a16", raising=False)
     with pytest.raises(LowbitError, match=r"o_proj: lowbit\.kernels\.w4a16 failed to import"):
         layer.method._gpu_kernel(layer)
     assert layer.method._kernel_weight is None  # asked again, it fails again: never a silent fallback

@@ -185,12 +185,15 @@ def test_generate_and_info_on_quantized_dirs(written):
 
 # ---- the algorithms beat their baselines on real activations ----------------------------------
 @pytest.fixture(scope="module")
-def layer_inputs(smol):
-    """Real calibration activations entering decoder layer 3 (hidden states after layers 0-2)."""
+def layer_inputs(smol, gguf_path):
+    """Real calibration activations entering decoder layer 3 (hidden states after layers 0-2), on the
+    model built as quantizers build it: one projection per checkpoint name."""
+    from lowbit.loading.loader import build_model, open_checkpoint
     from lowbit.quant.calibration import calibration_set
     from lowbit.quant.driver import LayerInputs, _first_inputs
 
-    model, tok, _ = smol
+    _, tok, _ = smol
+    model = build_model(open_checkpoint(gguf_path), torch.float32, "cpu", fused=False)
     calib = calibration_set(tok, "wikitext2", 2, 256, seed=1)
     inputs = _first_inputs(model, calib, "cpu", torch.float32, 16384)
     for layer in model.layers[:3]:

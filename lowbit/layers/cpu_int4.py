@@ -13,7 +13,7 @@ first and sums in another order: the two differ by fp32 rounding only (relative 
 
 Layout (`pack`): codes uint8 [N, K] -> [N, K/2], per 32 columns 16 bytes, byte i holding column i
 in its low nibble and column 16 + i in its high one, so one 16-byte load unpacks to 32 floats in
-order. Scales and zeros as fp32 [N, G]. Needs K and the group size to be multiples of 32.
+order. Scales fp32 and zeros int8, [N, G] each. Needs K and the group size to be multiples of 32.
 
 The C source below is compiled once per machine with the system C compiler (`cc`, or $CC) into
 ~/.cache/lowbit (or $LOWBIT_CACHE_DIR) and loaded with ctypes, which releases the GIL during the
