@@ -98,3 +98,20 @@ class QLinear(nn.Module):
     def extra_repr(self) -> str:
         merged = f", shards={[name for name, _ in self.shards]}" if self.shards else ""
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, format={self.method.name}{merged}"
+
+
+def projections(prefix: str, name: str, names_out: list[tuple[str, int]], in_features: int, bias: bool,
+                method_for: Callable[[str, int, int], LinearMethod | None], dtype, fused: bool
+                ) -> dict[str, QLinear]:
+    """The projections of one input (names_out: checkpoint name and out_features of each): with
+    `fused` one QLinear `name` over their concatenated weights (the loader joins the checkpoint's
+    tensors, the caller splits the output with `QLinear.split`), else one QLinear each under its own
+    name. Projections of different formats (a checkpoint that skips some) are never merged."""
+    methods = [method_for(f"{prefix}.{n}", in_features, o) for n, o in names_out]
+    if fused and len({getattr(m, "name", "dense") for m in methods}) == 1:
+        out = sum(o for _, o in names_out)
+        method = method_for(f"{prefix}.{names_out[0][0]}", in_features, out)
+        if method is not None:
+            method.prefix = f"{prefix}.{name} ({'+'.join(n for n, _ in names_out)})"  # for its error messages
+        return {name: QLinear(in_features, out, bias, method, dtype, shards=list(names_out))}
+    return {n: QLinear(in_features, o, bias, m, dtype) for (n, o), m in zip(names_out, methods)}

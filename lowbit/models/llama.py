@@ -11,7 +11,7 @@ from torch import nn
 from lowbit.config import ModelConfig
 from lowbit.layers.activation import silu_and_mul
 from lowbit.layers.attention import gqa_attention
-from lowbit.layers.linear import LinearMethod, QLinear
+from lowbit.layers.linear import LinearMethod, QLinear, projections
 from lowbit.layers.norm import RMSNorm
 from lowbit.layers.rotary import RotaryEmbedding, apply_rotary
 
@@ -21,21 +21,6 @@ MethodFor = Callable[[str, int, int], LinearMethod | None]
 
 def _dense(_name, _i, _o):
     return None
-
-
-def projections(prefix: str, name: str, names_out: list[tuple[str, int]], in_features: int, bias: bool,
-                method_for: MethodFor, dtype, fused: bool) -> dict[str, QLinear]:
-    """The projections of one input: with `fused` one QLinear `name` over their concatenated
-    weights, else one QLinear each under its own name. Projections of different formats (a
-    checkpoint that skips some) are never merged."""
-    methods = [method_for(f"{prefix}.{n}", in_features, o) for n, o in names_out]
-    if fused and len({getattr(m, "name", "dense") for m in methods}) == 1:
-        out = sum(o for _, o in names_out)
-        method = method_for(f"{prefix}.{names_out[0][0]}", in_features, out)
-        if method is not None:
-            method.prefix = f"{prefix}.{name} ({'+'.join(n for n, _ in names_out)})"  # for its error messages
-        return {name: QLinear(in_features, out, bias, method, dtype, shards=list(names_out))}
-    return {n: QLinear(in_features, o, bias, m, dtype) for (n, o), m in zip(names_out, methods)}
 
 
 class Attention(nn.Module):
