@@ -11,10 +11,9 @@ configuration once, interleaved (a busy moment of a shared machine hits all alik
 best run, and the median goes into the JSON too:
 
   ours          what `lowbit generate` runs: the engine, one request, a KV cache of prompt + new
-                tokens; AWQ layers through `lowbit.layers.cpu_weights` (the int4 kernel at decode)
+                tokens; AWQ layers through `lowbit.layers.cpu_weights` (dequantized once, kept in fp32)
   reference     the same with LOWBIT_CPU_PACKED_LINEAR=dequantize: every AWQ matmul dequantizes its
-                weight first, the numerics (and speed) of the CPU path before the int4 kernel
-  cache         LOWBIT_CPU_PACKED_LINEAR=cache: the weight dequantized once and kept (fp32)
+                weight first, the CPU path before this issue
   transformers  LlamaForCausalLM with the dense fp32 weights (read from the default GGUF by
                 transformers' own reader), `generate(do_sample=False)`, the same prompt ids
 
@@ -131,7 +130,6 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_cpu.json")
     ap.add_argument("--rounds", type=int, default=3, help="timed runs of each, interleaved; the best is kept")
-    ap.add_argument("--no-cache-run", action="store_true", help="skip the dequantize-once run")
     args = ap.parse_args()
 
     import torch
@@ -139,7 +137,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     import transformers
 
-    from lowbit.layers import cpu_int4, cpu_weights
+    from lowbit.layers import cpu_weights
     from lowbit.loading.loader import load_model
     from lowbit.models.default import default_model_path
     from lowbit.serve.one_prompt import engine_for_one, prompt_ids
@@ -150,8 +148,6 @@ def main() -> int:
     llm = engine_for_one(loaded, len(ids), args.new_tokens)
     runners = {"ours": ours_runner(llm, ids, args.new_tokens, "auto"),
                "reference": ours_runner(llm, ids, args.new_tokens, "dequantize")}
-    if not args.no_cache_run:
-        runners["cache"] = ours_runner(llm, ids, args.new_tokens, "cache")
     runners["transformers"] = transformers_runner(default_model_path(), ids, args.new_tokens)
     for run in runners.values():  # warm-up: packs / keeps weights, warms allocators and caches
         run()
@@ -185,7 +181,6 @@ def main() -> int:
         "ratio_ours_over_reference": runs["ours"]["tokens_per_s"] / runs["reference"]["tokens_per_s"],
         "tokens_equal_reference": equal, "first_differing_token": first_diff,
         "packed_linear_paths_at_decode": paths,
-        "int4_kernel_failure": cpu_int4.load_failure(),
         "text": loaded[1].decode(ours),
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
         "cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),

@@ -1,16 +1,13 @@
-"""The CPU matmul of AWQ / GPTQ layers (lowbit/layers/cpu_weights.py, cpu_int4.py) against the
-reference: dequantize the whole weight, then F.linear."""
+"""The CPU matmul of AWQ / GPTQ layers (lowbit/layers/cpu_weights.py: the weight dequantized once
+and kept) against the reference: dequantize the whole weight on every call, then F.linear."""
 import pytest
 import torch
 from torch.nn import functional as F
 
 from lowbit.formats import awq_format, gptq_format
-from lowbit.layers import cpu_int4, cpu_weights
+from lowbit.layers import cpu_weights
 from lowbit.layers.linear import QLinear
 from lowbit.layers.quantized_linear import AWQLinearMethod, GPTQLinearMethod, dequantize_codes
-
-needs_kernel = pytest.mark.skipif(cpu_int4.load() is None, reason=f"no CPU int4 kernel: {cpu_int4.load_failure()}")
-
 
 def _codes(out_f, in_f, group_size, seed):
     g = torch.Generator().manual_seed(seed)
@@ -46,36 +43,20 @@ def _close(y, ref):
     assert (y - ref).abs().max().item() <= 2e-5 * ref.abs().max().item() + 1e-6
 
 
-@needs_kernel
-@pytest.mark.parametrize("out_f,in_f,group_size,rows", [(960, 576, 64, 1), (192, 576, 64, 3), (576, 1536, 128, 1),
-                                                        (64, 256, 32, 8), (96, 256, 256, 2)])
-def test_int4_kernel_equals_dequantize_then_linear(out_f, in_f, group_size, rows):
-    codes, scales, zeros = _codes(out_f, in_f, group_size, seed=out_f + rows)
-    bias = torch.randn(out_f)
-    w = cpu_int4.Int4Weight(cpu_int4.load(), codes, scales, zeros, bias, group_size)
-    x = torch.randn(1, rows, in_f)
-    ref = F.linear(x, dequantize_codes(codes, scales, zeros, None, torch.float32), bias)
-    y = w(x)
-    assert y.shape == ref.shape and y.dtype == torch.float32
-    _close(y, ref)
-    _close(w(x[0].t().contiguous().t()), ref[0])  # a non-contiguous 2-D x
-
-
-@needs_kernel
-def test_packed_layer_takes_the_kernel_at_decode_and_dequantizes_for_prompts(monkeypatch):
+def test_packed_layer_keeps_its_dequantized_weight_with_the_references_numerics(monkeypatch):
     layer = _awq_layer(960, 576, 64, seed=0, bias=True)
     decode, prompt = torch.randn(1, 1, 576), torch.randn(1, 40, 576)
-    _close(layer(decode), _reference(layer, decode))
-    assert cpu_weights.last_path(layer) == "int4"
-    assert torch.equal(layer(prompt), _reference(layer, prompt))  # the reference path itself
+    assert torch.equal(layer(decode), _reference(layer, decode))
+    assert cpu_weights.last_path(layer) == "cache"
+    kept = layer.__dict__["_cpu_dense_weight"].value
+    assert torch.equal(layer(prompt), _reference(layer, prompt))
+    assert layer.__dict__["_cpu_dense_weight"].value is kept  # made once, for decode and prompts alike
+    monkeypatch.setenv(cpu_weights.MODE_ENV, "dequantize")
+    assert torch.equal(layer(decode), _reference(layer, decode))
     assert cpu_weights.last_path(layer) == "dequantize"
-    for mode in ("cache", "dequantize"):
-        monkeypatch.setenv(cpu_weights.MODE_ENV, mode)
-        assert torch.equal(layer(decode), _reference(layer, decode))
-        assert cpu_weights.last_path(layer) == mode
 
 
-def test_layers_the_kernel_does_not_take_keep_the_dequantized_weight():
+def test_act_order_layers_keep_the_dequantized_weight_too():
     """GPTQ act-order (a g_idx that is not column // group): dequantized once, kept, exact."""
     out_f, in_f, group_size, bits = 64, 128, 32, 4
     codes, scales, zeros = _codes(out_f, in_f, group_size, seed=3)

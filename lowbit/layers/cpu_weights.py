@@ -1,20 +1,16 @@
 """The CPU matmul of AWQ / GPTQ layers (`PackedLinearMethod.apply` when x is on the CPU).
 
-Dequantizing the weight on every call costs about twice the matmul itself, and a decode step is
-one GEMV per layer, memory-bound. So, per call:
+Dequantizing the weight on every call cost twice the matmul itself (the quickstart's 4-bit model
+answered at ~7 tokens/s on 2 cores). By default the weight is dequantized once and kept: exactly
+the on-the-fly numerics (the same greedy tokens), at 4 bytes a weight in fp32 (2 in fp16/bf16)
+beside the 1-byte codes, e.g. 425 MB for SmolLM2-135M's 106M quantized weights, what a dense model
+holds. Everything here is PyTorch: the CPU path needs no compiler. (PyTorch's own CPU int4 matmul,
+`aten._weight_int4pack_mm_for_cpu`, takes ~8 ms for one 1536x576 product with fp32 activations on
+an AVX2 machine, and its fast path rounds activations and scales to bf16.)
 
-* decode (at most DECODE_ROWS rows of fp32 x) runs the int4 kernel of `cpu_int4.py` over the
-  codes repacked once to half a byte a weight: ~4x less memory traffic than a dense fp32 GEMV.
-* prompt chunks (more rows) dequantize on the fly, as before: one dequantize serves many rows,
-  and nothing dense is kept.
-* where that kernel cannot run (no C compiler, no AVX2, codes of more than 4 bits, act-order
-  g_idx, a group size that is not a multiple of 32, x not fp32) the weight is dequantized once and
-  kept: exactly the on-the-fly numerics, at 4 bytes a weight in fp32 (2 in fp16/bf16) beside the
-  1-byte codes, e.g. 425 MB for SmolLM2-135M's 106M quantized weights, what a dense model holds.
-
-$LOWBIT_CPU_PACKED_LINEAR picks a path for every call instead: `dequantize` (on the fly, the
-reference the others are checked against), `cache` (dequantize once and keep); `auto` (default)
-is the choice above.
+$LOWBIT_CPU_PACKED_LINEAR picks a path: `cache` (default; `auto` is the same) or `dequantize`
+(on the fly, nothing kept: the reference the cache is checked against, and the choice where
+memory is short).
 
 What is kept is keyed by the tensors it was made from (`codes_nxk`, `scales_nxg`, `zeros_nxg`,
 `g_idx_k`, `bias`: identity, storage and in-place version), so reloading the weights
@@ -29,14 +25,11 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.layers import cpu_int4
 
-DECODE_ROWS = 8  # the int4 kernel re-reads the weight per row: beyond ~8 rows one dequantize is cheaper
 MODE_ENV = "LOWBIT_CPU_PACKED_LINEAR"
 MODES = ("auto", "dequantize", "cache")
-PATHS = {"int4": "cpu int4 kernel (lowbit.layers.cpu_int4)", "dequantize": "torch dequantize + F.linear",
-         "cache": "torch F.linear over the weight dequantized once"}
-_SLOTS = {"int4": "_cpu_int4_weight", "cache": "_cpu_dense_weight"}  # in layer.__dict__: a _Kept each
+PATHS = {"dequantize": "torch dequantize + F.linear", "cache": "torch F.linear over the weight dequantized once"}
+_SLOT = "_cpu_dense_weight"  # in layer.__dict__: a _Kept
 
 
 def mode() -> str:
@@ -69,68 +62,36 @@ class _Kept:
                 and now[3] is src[3] and now[4] is src[4] and _versions(now) == self.versions)
 
 
-def _kept(layer, kind: str, dtype, make: Callable[[], object]):
-    """The layer's kept value of `kind`, made again when the tensors it was made from changed."""
-    slot = _SLOTS[kind]
-    entry = layer.__dict__.get(slot)
+def _kept(layer, dtype, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The layer's kept dense weight, made again when the tensors it was made from changed."""
+    entry = layer.__dict__.get(_SLOT)
     if entry is None or not entry.fresh(layer, dtype):
-        layer.__dict__[slot] = None  # free the old one first
+        layer.__dict__[_SLOT] = None  # free the old one first
         value = make()
         # make() may unpack (re-register) the compute form: key what it was made from
-        layer.__dict__[slot] = entry = _Kept(_sources(layer), dtype, value)
+        layer.__dict__[_SLOT] = entry = _Kept(_sources(layer), dtype, value)
     return entry.value
 
 
-def _int4_weight(layer) -> cpu_int4.Int4Weight | None:
-    """The layer in the int4 kernel's form; None where the kernel does not take it."""
-    codes, scales, zeros = layer.codes_nxk, layer.scales_nxg, layer.zeros_nxg
-    group_size = codes.shape[1] // scales.shape[1]
-    if layer.g_idx_k is not None or not cpu_int4.supports(codes, zeros, group_size):
-        return None
-    return cpu_int4.Int4Weight(cpu_int4.load(), codes, scales, zeros, layer.bias, group_size)
-
-
-def _choose(layer, x: torch.Tensor) -> tuple[str, cpu_int4.Int4Weight | None]:
-    """-> (the path for this x, the layer's int4 weight where that path is "int4")."""
-    m = mode()
-    if m != "auto":
-        return m, None
-    if x.dtype != torch.float32 or layer.codes_nxk is None or cpu_int4.load() is None:
-        return "cache", None
-    weight = _kept(layer, "int4", None, lambda: _int4_weight(layer))
-    if weight is None:
-        return "cache", None
-    return ("int4", weight) if x.numel() <= DECODE_ROWS * x.shape[-1] else ("dequantize", None)
-
-
 def path_for(layer, x: torch.Tensor) -> str:
-    """Which path `cpu_linear` takes for this x: "int4", "dequantize" or "cache" (see PATHS)."""
-    return _choose(layer, x)[0]
+    """Which path `cpu_linear` takes: "cache" or "dequantize" (see PATHS)."""
+    return "dequantize" if mode() == "dequantize" else "cache"
 
 
 def cpu_linear(layer, x: torch.Tensor, dequantize: Callable[[torch.dtype], torch.Tensor]) -> torch.Tensor:
     """y = x @ W^T + b for a packed layer on the CPU; `dequantize(dtype)` gives W [out, in]."""
-    kept = layer.__dict__.get(_SLOTS["int4"])
-    # the decode step's case first, in as few Python operations as possible
-    if (kept is not None and kept.value is not None and x.dtype == torch.float32
-            and x.numel() <= DECODE_ROWS * kept.value.k and kept.fresh(layer, None) and mode() == "auto"):
-        layer.__dict__["_cpu_linear_path"] = "int4"
-        return kept.value(x)
-    path, weight = _choose(layer, x)
+    path = path_for(layer, x)
     layer.__dict__["_cpu_linear_path"] = path  # what ran last, for reports
-    if path == "int4":
-        return weight(x)
     if path == "cache":
-        return nn.functional.linear(x, _kept(layer, "cache", x.dtype, lambda: dequantize(x.dtype)), layer.bias)
+        return nn.functional.linear(x, _kept(layer, x.dtype, lambda: dequantize(x.dtype)), layer.bias)
     return nn.functional.linear(x, dequantize(x.dtype), layer.bias)
 
 
 def last_path(layer) -> str | None:
-    """The path of the layer's last CPU call ("int4", "dequantize", "cache"), None before one."""
+    """The path of the layer's last CPU call ("dequantize", "cache"), None before one."""
     return layer.__dict__.get("_cpu_linear_path")
 
 
 def drop_kept(layer) -> None:
     """Frees what the layer keeps for the CPU (made again on the next call)."""
-    for slot in _SLOTS.values():
-        layer.__dict__.pop(slot, None)
+    layer.__dict__.pop(_SLOT, None)

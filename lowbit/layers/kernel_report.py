@@ -12,7 +12,7 @@ from lowbit.layers.paged_kv_cache import AttentionKernels, kernel_import_failure
 
 # The PyTorch paths: the CPU's, and what a role runs where the cache was given no kernel.
 TORCH_DENSE = "torch F.linear"
-TORCH_PACKED = "torch dequantize + F.linear"  # quantized_linear.py: unpack the weight, then a dense matmul
+TORCH_PACKED = "torch F.linear over the weight dequantized once"  # CPU: cpu_weights.py (its default path)
 TORCH_ATTENTION = {"kv_write": "torch index_copy_", "attention_decode": "torch sdpa (padded batch)",
                    "attention_prefill": "torch sdpa (per sequence)"}
 W4A16 = "triton w4a16_matmul"

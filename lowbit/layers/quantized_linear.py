@@ -4,7 +4,8 @@
 loader fills them by name; `after_load` unpacks them once into the compute form: codes uint8
 [out, in], scales [out, G], zeros int32 [out, G] and, only when it is not `column // group_size`, the
 group of each column. `apply` runs the Triton W4A16 kernel (`lowbit.kernels.w4a16`) when x is on a
-GPU (a kernel that fails to import there is an error), and otherwise dequantizes on the fly in plain PyTorch.
+GPU (a kernel that fails to import there is an error); on the CPU the weight is dequantized once
+and kept (`cpu_weights.py`).
 """
 from __future__ import annotations
 
