@@ -42,13 +42,11 @@ QUANTIZE = dict(method="awq", w_bits=4, group_size=64, calib_dataset="wikitext2"
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    import torch
+
+    from lowbit.bench.common import environment
+
+    return environment(torch.device("cpu"))["device_name"]
 
 
 def ensure_checkpoint(path: Path) -> None:
