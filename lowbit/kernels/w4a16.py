@@ -22,7 +22,7 @@ Z = S + zero * scale. No int->float conversion instruction (a quarter-rate unit 
 Paths, by M (rows of x): at M = 1 on CUDA cores 'gemvh' (fp16x2: LOP3 dequantization and HFMA2
 dots, scales applied once per group; 4-bit containers with natural groups of >= 64 columns),
 'gemvf' (the same fold in fp32, any natural groups) and 'gemv' (per-weight fp32 dequantization
-through the plane-group table: act-order); 'mm' (tensor cores; BM = 16 for M <= 16, larger tiles
+through the plane-group table: act-order), all three in w4a16_gemv.py; 'mm' (tensor cores; BM = 16 for M <= 16, larger tiles
 for prefill) and 'dq' (dequantize to a dense [K, N] matrix, then cuBLAS; offered for M >= 256). gemv and mm split K over a second grid axis when the tiles alone would leave SMs idle:
 each split stores an fp32 partial and the last split of a tile to arrive (a per-tile counter in
 `locks`) sums them, all in one launch. Which config runs is timed once per (M bucket, N, K, bits,
@@ -38,13 +38,12 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels._common import interpreting, new_empty, next_pow2, pick_config, sm_count
+from lowbit.kernels.w4a16_gemv import _gemv_fold_kernel, _gemv_h2_kernel, _gemv_kernel
+from lowbit.kernels.w4a16_tiles import DOT_F32, _dequant, _finish, _plane_scales
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 PLANE = 16  # P: columns per plane = the K of one tl.dot
 _MAX_SPLIT_TILES_PER_16N = 4  # split-K runs only while M <= 64: at most 4 row tiles of 16 per 16 columns
-_TRITON_INTERPRET = interpreting()  # what @triton.jit saw when this module was imported
-# Triton's CPU interpreter multiplies bf16 dot operands as raw bits: it gets fp32 operands instead
-_DOT_F32 = tl.constexpr(_TRITON_INTERPRET)
 
 
 def container_bits(bits: int) -> int:
@@ -179,251 +178,6 @@ def w4a16_ref(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros:
 
 
 # ---- kernels ------------------------------------------------------------------------------------
-
-@triton.jit
-def _code_plus_one(w, J: tl.constexpr, CB: tl.constexpr):
-    """Code J of each int32 in w as the float 1 + code / 2**CB (exact): one shift and one LOP3."""
-    SH: tl.constexpr = J * CB - (23 - CB)  # moves code J to mantissa bits [23 - CB, 23)
-    if SH > 0:
-        t = w >> SH
-    elif SH < 0:
-        t = w << (-SH)
-    else:
-        t = w
-    MASK: tl.constexpr = ((1 << CB) - 1) << (23 - CB)
-    return ((t & MASK) | 0x3F800000).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _dequant(w, S, Z, J: tl.constexpr, CB: tl.constexpr):
-    """Code J of each int32 in w as (code - zero) * scale, given S = scale * 2**CB, Z = S + zero * scale."""
-    return _code_plus_one(w, J, CB) * S - Z
-
-
-@triton.jit
-def _plane_scales(s_ptr, z_ptr, pg_ptr, plane, offs_n, nmask, stride_g, CB: tl.constexpr):
-    g = tl.load(pg_ptr + plane)
-    s = tl.load(s_ptr + g * stride_g + offs_n, mask=nmask, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + g * stride_g + offs_n, mask=nmask, other=0.0).to(tl.float32)
-    S = s * (1 << CB)
-    return S, S + z * s
-
-
-@triton.jit
-def _finish(acc, out_ptr, ws_ptr, lock_ptr, tile, pid_s, split, offs_o, omask, MN,
-            PARTIAL: tl.constexpr):
-    """Store a tile, or with split-K add it to the others: every split writes its fp32 partial,
-    the last to arrive (a counter per tile) sums them and stores, then re-arms the counter."""
-    if PARTIAL:
-        tl.store(ws_ptr + pid_s * MN + offs_o, acc, mask=omask)
-        tl.debug_barrier()  # all of this program's partial is written before the release below
-        arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
-        if arrived == split - 1:
-            total = tl.zeros_like(acc)
-            for s in range(split):  # .cg: read through L2, where the other programs' stores are
-                total += tl.load(ws_ptr + s * MN + offs_o, mask=omask, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptr + offs_o, total.to(out_ptr.dtype.element_ty), mask=omask)
-            tl.atomic_xchg(lock_ptr + tile, 0)
-    else:
-        tl.store(out_ptr + offs_o, acc.to(out_ptr.dtype.element_ty), mask=omask)
-
-
-@triton.jit
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, pg_ptr, out_ptr, ws_ptr, lock_ptr,
-                 N, KX, n_blocks, blocks_per_split, split, stride_wr, stride_g,
-                 CB: tl.constexpr, P: tl.constexpr, BN: tl.constexpr, U: tl.constexpr,
-                 BLOCK_GROUPS: tl.constexpr, PARTIAL: tl.constexpr):
-    # M = 1 on CUDA cores: a [P, BN] fp32 accumulator, reduced over P once at the end
-    E: tl.constexpr = 32 // CB
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_p = tl.arange(0, P)
-    nmask = offs_n < N
-    acc = tl.zeros((P, BN), tl.float32)
-    b_start = pid_s * blocks_per_split
-    b_end = tl.minimum(b_start + blocks_per_split, n_blocks)
-    k_end = tl.minimum(KX, b_end * (E * P))
-    for b0 in range(b_start, b_end, U):
-        for u in tl.static_range(U):
-            # a ragged last iteration re-reads block b_end - 1 with x masked to zero
-            b = tl.minimum(b0 + u, b_end - 1)
-            rows = b * P + offs_p
-            w = tl.load(w_ptr + rows[:, None] * stride_wr + offs_n[None, :], mask=nmask[None, :], other=0)
-            if BLOCK_GROUPS:
-                S, Z = _plane_scales(s_ptr, z_ptr, pg_ptr, b * E, offs_n, nmask, stride_g, CB)
-            for j in tl.static_range(E):
-                if not BLOCK_GROUPS:
-                    S, Z = _plane_scales(s_ptr, z_ptr, pg_ptr, b * E + j, offs_n, nmask, stride_g, CB)
-                k = (b0 + u) * (E * P) + j * P + offs_p
-                xv = tl.load(x_ptr + k, mask=k < k_end, other=0.0).to(tl.float32)
-                acc += xv[:, None] * _dequant(w, S[None, :], Z[None, :], j, CB)
-    y = tl.sum(acc, axis=0)
-    _finish(y, out_ptr, ws_ptr, lock_ptr, pid_n, pid_s, split, offs_n, nmask, N, PARTIAL)
-
-
-@triton.jit
-def _gemv_fold_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
-                      N, KX, n_groups, n_blocks, blocks_per_split, split, stride_wr, stride_g,
-                      CB: tl.constexpr, P: tl.constexpr, BN: tl.constexpr, GROUP_PLANES: tl.constexpr,
-                      PARTIAL: tl.constexpr):
-    # M = 1 where groups lie in natural order (no act-order): the group of plane p is p // GROUP_PLANES,
-    # computed, not loaded. The scale is applied once per group, not per weight:
-    #   sum_k x (q - z) s = A * sum_k x f - B * sum_k x,  f = 1 + q / 2**CB,  A = 2**CB s,  B = (2**CB + z) s
-    # so the inner loop costs a shift, a LOP3 and one FMA per weight.
-    E: tl.constexpr = 32 // CB
-    FOLD: tl.constexpr = GROUP_PLANES if GROUP_PLANES < E else E  # planes between two folds
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_p = tl.arange(0, P)
-    nmask = offs_n < N
-    acc = tl.zeros((P, BN), tl.float32)
-    b_start = pid_s * blocks_per_split
-    b_end = tl.minimum(b_start + blocks_per_split, n_blocks)
-    w_ptrs = w_ptr + offs_p[:, None] * stride_wr + offs_n[None, :]
-    for b in range(b_start, b_end):
-        # (loading block b + 1 by hand before computing block b measured no faster on the H100)
-        w = tl.load(w_ptrs + b * P * stride_wr, mask=nmask[None, :], other=0)
-        acc_g = tl.zeros((P, BN), tl.float32)
-        sx = tl.zeros((P,), tl.float32)
-        for j in tl.static_range(E):
-            k = b * (E * P) + j * P + offs_p
-            xv = tl.load(x_ptr + k, mask=k < KX, other=0.0).to(tl.float32)
-            acc_g += xv[:, None] * _code_plus_one(w, j, CB)
-            sx += xv
-            if (j + 1) % FOLD == 0:
-                # padding planes past the last group hold x = 0: any group's finite scale serves
-                g = tl.minimum((b * E + j) // GROUP_PLANES, n_groups - 1)
-                s = tl.load(s_ptr + g * stride_g + offs_n, mask=nmask, other=0.0).to(tl.float32)
-                z = tl.load(z_ptr + g * stride_g + offs_n, mask=nmask, other=0.0).to(tl.float32)
-                acc += (s * (1 << CB))[None, :] * acc_g - (((1 << CB) + z) * s)[None, :] * sx[:, None]
-                acc_g = tl.zeros((P, BN), tl.float32)
-                sx = tl.zeros((P,), tl.float32)
-    y = tl.sum(acc, axis=0)
-    _finish(y, out_ptr, ws_ptr, lock_ptr, pid_n, pid_s, split, offs_n, nmask, N, PARTIAL)
-
-
-# Eight 4-bit codes of one int32 against eight activations in fp16x2 (Marlin's LOP3 trick, Frantar
-# et al. 2024): `(w >> 4j) & 0x000F000F | 0x64006400` is the half2 {1024 + code j, 1024 + code j+4},
-# minus 1024 the exact codes; four HFMA2 take the dot with the activation pairs {x_j, x_j+4} (x / 16,
-# so no partial sum can overflow fp16). Out: the two lanes' sums in fp32 (codes 0-3 and 4-7).
-_H2_DOT_ASM = tl.constexpr("""
-{
-.reg .b32 t1, t2, t3, v0, v1, v2, v3, m, a;
-.reg .f16 l, h;
-.reg .f32 fl, fh;
-mov.b32 m, 0x64006400;
-lop3.b32 v0, $2, 0x000F000F, 0x64006400, 0xEA;
-shr.u32 t1, $2, 4;
-lop3.b32 v1, t1, 0x000F000F, 0x64006400, 0xEA;
-shr.u32 t2, $2, 8;
-lop3.b32 v2, t2, 0x000F000F, 0x64006400, 0xEA;
-shr.u32 t3, $2, 12;
-lop3.b32 v3, t3, 0x000F000F, 0x64006400, 0xEA;
-sub.f16x2 v0, v0, m;
-sub.f16x2 v1, v1, m;
-sub.f16x2 v2, v2, m;
-sub.f16x2 v3, v3, m;
-mul.rn.f16x2 a, v0, $3;
-fma.rn.f16x2 a, v1, $4, a;
-fma.rn.f16x2 a, v2, $5, a;
-fma.rn.f16x2 a, v3, $6, a;
-mov.b32 {l, h}, a;
-cvt.f32.f16 fl, l;
-cvt.f32.f16 fh, h;
-mov.b32 $0, fl;
-mov.b32 $1, fh;
-}
-""")
-
-
-@triton.jit
-def _half_pair(a, b):
-    """Two fp16 tensors -> int32 holding the half2 {a, b} (a in the low half)."""
-    lo = a.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    return lo | (b.to(tl.int16, bitcast=True).to(tl.int32) << 16)
-
-
-@triton.jit
-def _h2_dot_step(w, xp, J: tl.constexpr, lo, hi):
-    xl = (xp & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
-    xh = ((xp >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
-    lo = (((w >> (4 * J)) & 0xF).to(tl.float16) * xl + lo).to(tl.float16)
-    hi = (((w >> (4 * J + 16)) & 0xF).to(tl.float16) * xh + hi).to(tl.float16)
-    return lo, hi
-
-
-@triton.jit
-def _h2_dot(w, x0, x1, x2, x3):
-    """-> (sum_{j<4} q_j x_j, sum_{j>=4} q_j x_j) in fp32, per int32 w of 4-bit codes q_0..q_7;
-    x0..x3 hold the half2 pairs {x_j, x_j+4}. The interpreter gets the same fp16 arithmetic in
-    Triton ops (it cannot run PTX)."""
-    if _DOT_F32:  # the interpreter
-        lo = tl.zeros(w.shape, tl.float16)
-        hi = tl.zeros(w.shape, tl.float16)
-        lo, hi = _h2_dot_step(w, x0, 0, lo, hi)
-        lo, hi = _h2_dot_step(w, x1, 1, lo, hi)
-        lo, hi = _h2_dot_step(w, x2, 2, lo, hi)
-        lo, hi = _h2_dot_step(w, x3, 3, lo, hi)
-        return lo.to(tl.float32), hi.to(tl.float32)
-    lo, hi = tl.inline_asm_elementwise(_H2_DOT_ASM, "=r,=r,r,r,r,r,r", [w, x0, x1, x2, x3],
-                                       dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
-    return lo.to(tl.float32, bitcast=True), hi.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _gemv_h2_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
-                    N, KX, n_groups, n_blocks, blocks_per_split, split, stride_wr, stride_g,
-                    P: tl.constexpr, BN: tl.constexpr, GROUP_PLANES: tl.constexpr, PARTIAL: tl.constexpr):
-    # M = 1, 4-bit container, natural groups of >= 64 columns: each int32 is one _h2_dot (about two
-    # instructions a weight), whose two lanes fall in the block's first and second half (E = 8
-    # planes of P), so a group of 64 is one lane and of >= 128 both. Scales are applied per group:
-    #   sum_k x (q - z) s = 16 s * sum_k (x / 16) q - z s * sum_k x
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_p = tl.arange(0, P)
-    nmask = offs_n < N
-    acc = tl.zeros((P, BN), tl.float32)
-    acc_z = tl.zeros((BN,), tl.float32)  # sum over groups of z s * (sum of the group's x)
-    b_start = pid_s * blocks_per_split
-    b_end = tl.minimum(b_start + blocks_per_split, n_blocks)
-    w_ptrs = w_ptr + offs_p[:, None] * stride_wr + offs_n[None, :]
-    for b in range(b_start, b_end):
-        w = tl.load(w_ptrs + b * P * stride_wr, mask=nmask[None, :], other=0)
-        k = b * (8 * P) + offs_p
-        x0 = tl.load(x_ptr + k, mask=k < KX, other=0.0).to(tl.float32)
-        x1 = tl.load(x_ptr + k + P, mask=k + P < KX, other=0.0).to(tl.float32)
-        x2 = tl.load(x_ptr + k + 2 * P, mask=k + 2 * P < KX, other=0.0).to(tl.float32)
-        x3 = tl.load(x_ptr + k + 3 * P, mask=k + 3 * P < KX, other=0.0).to(tl.float32)
-        x4 = tl.load(x_ptr + k + 4 * P, mask=k + 4 * P < KX, other=0.0).to(tl.float32)
-        x5 = tl.load(x_ptr + k + 5 * P, mask=k + 5 * P < KX, other=0.0).to(tl.float32)
-        x6 = tl.load(x_ptr + k + 6 * P, mask=k + 6 * P < KX, other=0.0).to(tl.float32)
-        x7 = tl.load(x_ptr + k + 7 * P, mask=k + 7 * P < KX, other=0.0).to(tl.float32)
-        sum_lo = tl.sum(x0 + x1 + x2 + x3, 0)
-        sum_hi = tl.sum(x4 + x5 + x6 + x7, 0)
-        p0 = _half_pair((x0 * 0.0625).to(tl.float16), (x4 * 0.0625).to(tl.float16))
-        p1 = _half_pair((x1 * 0.0625).to(tl.float16), (x5 * 0.0625).to(tl.float16))
-        p2 = _half_pair((x2 * 0.0625).to(tl.float16), (x6 * 0.0625).to(tl.float16))
-        p3 = _half_pair((x3 * 0.0625).to(tl.float16), (x7 * 0.0625).to(tl.float16))
-        r_lo, r_hi = _h2_dot(w, p0[:, None], p1[:, None], p2[:, None], p3[:, None])
-        g_lo = tl.minimum((b * 8) // GROUP_PLANES, n_groups - 1)  # padding planes hold x = 0
-        s_lo = tl.load(s_ptr + g_lo * stride_g + offs_n, mask=nmask, other=0.0).to(tl.float32)
-        z_lo = tl.load(z_ptr + g_lo * stride_g + offs_n, mask=nmask, other=0.0).to(tl.float32)
-        if GROUP_PLANES == 4:  # the block's halves are two groups
-            g_hi = tl.minimum(g_lo + 1, n_groups - 1)
-            s_hi = tl.load(s_ptr + g_hi * stride_g + offs_n, mask=nmask, other=0.0).to(tl.float32)
-            z_hi = tl.load(z_ptr + g_hi * stride_g + offs_n, mask=nmask, other=0.0).to(tl.float32)
-            acc += (16.0 * s_lo)[None, :] * r_lo + (16.0 * s_hi)[None, :] * r_hi
-            acc_z += z_lo * s_lo * sum_lo + z_hi * s_hi * sum_hi
-        else:
-            acc += (16.0 * s_lo)[None, :] * (r_lo + r_hi)
-            acc_z += z_lo * s_lo * (sum_lo + sum_hi)
-    y = tl.sum(acc, axis=0) - acc_z
-    _finish(y, out_ptr, ws_ptr, lock_ptr, pid_n, pid_s, split, offs_n, nmask, N, PARTIAL)
-
-
 @triton.jit
 def _mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, pg_ptr, out_ptr, ws_ptr, lock_ptr,
                M, N, KX, n_blocks, blocks_per_split, split, stride_xm, stride_wr, stride_g,
@@ -469,7 +223,7 @@ def _mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, pg_ptr, out_ptr, ws_ptr, lock_ptr,
                 k = (b0 + u) * (E * P) + tl.arange(0, E * P)
                 xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
                              mask=mmask[:, None] & (k < k_end)[None, :], other=0.0)
-                if _DOT_F32:
+                if DOT_F32:
                     acc = tl.dot(xt.to(tl.float32), wt, acc)
                 else:
                     acc = tl.dot(xt, wt.to(xt.dtype), acc)
@@ -483,7 +237,7 @@ def _mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, pg_ptr, out_ptr, ws_ptr, lock_ptr,
                     xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
                                  mask=mmask[:, None] & (k < k_end)[None, :], other=0.0)
                     wt = _dequant(w, S[None, :], Z[None, :], j, CB)
-                    if _DOT_F32:
+                    if DOT_F32:
                         acc = tl.dot(xt.to(tl.float32), wt, acc)
                     else:
                         acc = tl.dot(xt, wt.to(xt.dtype), acc)
