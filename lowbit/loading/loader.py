@@ -88,10 +88,9 @@ def _g_idx_shared(ckpt: Checkpoint) -> bool:
     for i in range(ckpt.config.num_hidden_layers):
         for block, names in MERGED:
             found = [f"model.layers.{i}.{block}.{n}.g_idx" for n in names]
-            try:
-                first, *rest = (ckpt.get(n) for n in found)
-            except Exception:  # no g_idx stored (or a skipped projection): nothing to compare
+            if not all(ckpt.has(n) for n in found):  # no g_idx stored (or a skipped projection)
                 continue
+            first, *rest = (ckpt.get(n) for n in found)
             if any(not torch.equal(first, r) for r in rest):
                 return False
     return True
