@@ -8,7 +8,6 @@ so L2 never holds the next call's weights).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -20,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.bench_kernels import copy_bandwidth_gbps, graph_us, rotations, tinygemm_pack  # noqa: E402
+from benchmarks.bench_kernels import copy_bandwidth_gbps, graph_us, rotations, tinygemm_pack, weight_copies  # noqa: E402
 from lowbit.kernels import w4a16 as wk  # noqa: E402
 
 SHAPES = [  # (model, layer, K, N)
@@ -57,9 +56,7 @@ def main() -> None:
         wp, sz = tinygemm_pack(codes, scales, zeros)
         del codes
         r = rotations(w.nbytes)
-        ws = [w] + [dataclasses.replace(w, qweight_int32_kxn=w.qweight_int32_kxn.clone(), scales_gxn=w.scales_gxn.clone(),
-                                        zeros_gxn=w.zeros_gxn.clone(), locks=torch.zeros_like(w.locks))
-                    for _ in range(r - 1)]
+        ws = weight_copies(w, r)
         x = torch.randn(1, k, device="cuda", dtype=torch.float16)
         ref = F.linear(x, w16).float()
         row = {"model": model, "layer": layer, "K": k, "N": n, "bytes": w.nbytes, "configs": {}}

@@ -59,6 +59,14 @@ def rotations(nbytes: int) -> int:
     return max(2, min(16, math.ceil(150e6 / nbytes)))
 
 
+def weight_copies(w, n: int) -> list:
+    """w and n - 1 copies of its tensors (their own split-K counters), so that rotating calls over
+    them never finds the next call's weight in L2."""
+    return [w] + [dataclasses.replace(w, qweight_int32_kxn=w.qweight_int32_kxn.clone(), scales_gxn=w.scales_gxn.clone(),
+                                      zeros_gxn=w.zeros_gxn.clone(), locks=torch.zeros_like(w.locks))
+                  for _ in range(n - 1)]
+
+
 def graph_us(calls, reps=None) -> float:
     return 1e3 * _common.graph_time_ms(calls, reps=reps or max(20, len(calls)))
 
@@ -103,9 +111,7 @@ def bench_w4a16(ms, shapes, log, deadline):
             tg_err = f"{type(exc).__name__}: {exc}"[:300]
         del codes
         r = rotations(w.nbytes)
-        ws = [w] + [dataclasses.replace(w, qweight_int32_kxn=w.qweight_int32_kxn.clone(),
-                                        scales_gxn=w.scales_gxn.clone(), zeros_gxn=w.zeros_gxn.clone(),
-                                        locks=torch.zeros_like(w.locks)) for _ in range(r - 1)]
+        ws = weight_copies(w, r)
         w16s = [w_fp16] + [w_fp16.clone() for _ in range(rotations(w_fp16.numel() * 2) - 1)]
         tgs = [] if tg_err else [(wp, sz)] + [(wp.clone(), sz.clone()) for _ in range(rotations(w.nbytes) - 1)]
         for m in ms:

@@ -22,9 +22,10 @@ Z = S + zero * scale. No int->float conversion instruction (a quarter-rate unit 
 Paths, by M (rows of x): at M = 1 on CUDA cores 'gemvh' (fp16x2: LOP3 dequantization and HFMA2
 dots, scales applied once per group; 4-bit containers with natural groups of >= 64 columns),
 'gemvf' (the same fold in fp32, any natural groups) and 'gemv' (per-weight fp32 dequantization
-through the plane-group table: act-order), all three in w4a16_gemv.py; 'mm' (tensor cores; BM = 16 for M <= 16, larger tiles
-for prefill) and 'dq' (dequantize to a dense [K, N] matrix, then cuBLAS; offered for M >= 256). gemv and mm split K over a second grid axis when the tiles alone would leave SMs idle:
-each split stores an fp32 partial and the last split of a tile to arrive (a per-tile counter in
+through the plane-group table: act-order), all three in w4a16_gemv.py; 'mm' (tensor cores;
+BM = 16 for M <= 16, larger tiles for prefill) and 'dq' (dequantize to a dense [K, N] matrix, then
+cuBLAS; offered for M >= 256). gemv and mm split K over a second grid axis when the tiles alone
+would leave SMs idle: each split stores an fp32 partial and the last split of a tile to arrive (a per-tile counter in
 `locks`) sums them, all in one launch. Which config runs is timed once per (M bucket, N, K, bits,
 dtype) in a CUDA graph and cached (lowbit.kernels._common); the counters assume one stream.
 """

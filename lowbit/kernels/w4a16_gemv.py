@@ -14,7 +14,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from lowbit.kernels.w4a16_tiles import DOT_F32, _code_plus_one, _dequant, _finish, _plane_scales
+from lowbit.kernels.w4a16_tiles import DOT_F32, _code_plus_one, _dequant, _finish, _group_scale_zero, _plane_scales
+
+
+@triton.jit
+def _x_plane(x_ptr, k, KX):
+    """x at columns k in fp32; zero past KX (the padding columns of the last block)."""
+    return tl.load(x_ptr + k, mask=k < KX, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -78,14 +84,13 @@ def _gemv_fold_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
         sx = tl.zeros((P,), tl.float32)
         for j in tl.static_range(E):
             k = b * (E * P) + j * P + offs_p
-            xv = tl.load(x_ptr + k, mask=k < KX, other=0.0).to(tl.float32)
+            xv = _x_plane(x_ptr, k, KX)
             acc_g += xv[:, None] * _code_plus_one(w, j, CB)
             sx += xv
             if (j + 1) % FOLD == 0:
                 # padding planes past the last group hold x = 0: any group's finite scale serves
                 g = tl.minimum((b * E + j) // GROUP_PLANES, n_groups - 1)
-                s = tl.load(s_ptr + g * stride_g + offs_n, mask=nmask, other=0.0).to(tl.float32)
-                z = tl.load(z_ptr + g * stride_g + offs_n, mask=nmask, other=0.0).to(tl.float32)
+                s, z = _group_scale_zero(s_ptr, z_ptr, g, offs_n, nmask, stride_g)
                 acc += (s * (1 << CB))[None, :] * acc_g - (((1 << CB) + z) * s)[None, :] * sx[:, None]
                 acc_g = tl.zeros((P, BN), tl.float32)
                 sx = tl.zeros((P,), tl.float32)
@@ -182,14 +187,10 @@ def _gemv_h2_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
     for b in range(b_start, b_end):
         w = tl.load(w_ptrs + b * P * stride_wr, mask=nmask[None, :], other=0)
         k = b * (8 * P) + offs_p
-        x0 = tl.load(x_ptr + k, mask=k < KX, other=0.0).to(tl.float32)
-        x1 = tl.load(x_ptr + k + P, mask=k + P < KX, other=0.0).to(tl.float32)
-        x2 = tl.load(x_ptr + k + 2 * P, mask=k + 2 * P < KX, other=0.0).to(tl.float32)
-        x3 = tl.load(x_ptr + k + 3 * P, mask=k + 3 * P < KX, other=0.0).to(tl.float32)
-        x4 = tl.load(x_ptr + k + 4 * P, mask=k + 4 * P < KX, other=0.0).to(tl.float32)
-        x5 = tl.load(x_ptr + k + 5 * P, mask=k + 5 * P < KX, other=0.0).to(tl.float32)
-        x6 = tl.load(x_ptr + k + 6 * P, mask=k + 6 * P < KX, other=0.0).to(tl.float32)
-        x7 = tl.load(x_ptr + k + 7 * P, mask=k + 7 * P < KX, other=0.0).to(tl.float32)
+        x0, x1 = _x_plane(x_ptr, k, KX), _x_plane(x_ptr, k + P, KX)
+        x2, x3 = _x_plane(x_ptr, k + 2 * P, KX), _x_plane(x_ptr, k + 3 * P, KX)
+        x4, x5 = _x_plane(x_ptr, k + 4 * P, KX), _x_plane(x_ptr, k + 5 * P, KX)
+        x6, x7 = _x_plane(x_ptr, k + 6 * P, KX), _x_plane(x_ptr, k + 7 * P, KX)
         sum_lo = tl.sum(x0 + x1 + x2 + x3, 0)
         sum_hi = tl.sum(x4 + x5 + x6 + x7, 0)
         p0 = _half_pair((x0 * 0.0625).to(tl.float16), (x4 * 0.0625).to(tl.float16))
@@ -198,12 +199,10 @@ def _gemv_h2_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
         p3 = _half_pair((x3 * 0.0625).to(tl.float16), (x7 * 0.0625).to(tl.float16))
         r_lo, r_hi = _h2_dot(w, p0[:, None], p1[:, None], p2[:, None], p3[:, None])
         g_lo = tl.minimum((b * 8) // GROUP_PLANES, n_groups - 1)  # padding planes hold x = 0
-        s_lo = tl.load(s_ptr + g_lo * stride_g + offs_n, mask=nmask, other=0.0).to(tl.float32)
-        z_lo = tl.load(z_ptr + g_lo * stride_g + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        s_lo, z_lo = _group_scale_zero(s_ptr, z_ptr, g_lo, offs_n, nmask, stride_g)
         if GROUP_PLANES == 4:  # the block's halves are two groups
             g_hi = tl.minimum(g_lo + 1, n_groups - 1)
-            s_hi = tl.load(s_ptr + g_hi * stride_g + offs_n, mask=nmask, other=0.0).to(tl.float32)
-            z_hi = tl.load(z_ptr + g_hi * stride_g + offs_n, mask=nmask, other=0.0).to(tl.float32)
+            s_hi, z_hi = _group_scale_zero(s_ptr, z_ptr, g_hi, offs_n, nmask, stride_g)
             acc += (16.0 * s_lo)[None, :] * r_lo + (16.0 * s_hi)[None, :] * r_hi
             acc_z += z_lo * s_lo * sum_lo + z_hi * s_hi * sum_hi
         else:

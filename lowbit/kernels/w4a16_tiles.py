@@ -34,10 +34,17 @@ def _dequant(w, S, Z, J: tl.constexpr, CB: tl.constexpr):
 
 
 @triton.jit
-def _plane_scales(s_ptr, z_ptr, pg_ptr, plane, offs_n, nmask, stride_g, CB: tl.constexpr):
-    g = tl.load(pg_ptr + plane)
+def _group_scale_zero(s_ptr, z_ptr, g, offs_n, nmask, stride_g):
+    """Group g's scales and zeros of the columns offs_n, in fp32 (scales_gxn / zeros_gxn rows)."""
     s = tl.load(s_ptr + g * stride_g + offs_n, mask=nmask, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + g * stride_g + offs_n, mask=nmask, other=0.0).to(tl.float32)
+    return s, z
+
+
+@triton.jit
+def _plane_scales(s_ptr, z_ptr, pg_ptr, plane, offs_n, nmask, stride_g, CB: tl.constexpr):
+    """(S, Z) of `_dequant` for a plane whose group the plane table names."""
+    s, z = _group_scale_zero(s_ptr, z_ptr, tl.load(pg_ptr + plane), offs_n, nmask, stride_g)
     S = s * (1 << CB)
     return S, S + z * s
 

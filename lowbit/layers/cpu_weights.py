@@ -73,14 +73,9 @@ def _kept(layer, dtype, make: Callable[[], torch.Tensor]) -> torch.Tensor:
     return entry.value
 
 
-def path_for(layer, x: torch.Tensor) -> str:
-    """Which path `cpu_linear` takes: "cache" or "dequantize" (see PATHS)."""
-    return "dequantize" if mode() == "dequantize" else "cache"
-
-
 def cpu_linear(layer, x: torch.Tensor, dequantize: Callable[[torch.dtype], torch.Tensor]) -> torch.Tensor:
     """y = x @ W^T + b for a packed layer on the CPU; `dequantize(dtype)` gives W [out, in]."""
-    path = path_for(layer, x)
+    path = "dequantize" if mode() == "dequantize" else "cache"  # `auto` is `cache`
     layer.__dict__["_cpu_linear_path"] = path  # what ran last, for reports
     if path == "cache":
         return nn.functional.linear(x, _kept(layer, x.dtype, lambda: dequantize(x.dtype)), layer.bias)

@@ -7,12 +7,13 @@ from __future__ import annotations
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.layers import cpu_weights
 from lowbit.layers.linear import LinearMethod
 from lowbit.layers.paged_kv_cache import AttentionKernels, kernel_import_failure, load_attention_kernels
 
 # The PyTorch paths: the CPU's, and what a role runs where the cache was given no kernel.
 TORCH_DENSE = "torch F.linear"
-TORCH_PACKED = "torch F.linear over the weight dequantized once"  # CPU: cpu_weights.py (its default path)
+TORCH_PACKED = cpu_weights.PATHS["cache"]  # the CPU's default path for AWQ / GPTQ layers
 TORCH_ATTENTION = {"kv_write": "torch index_copy_", "attention_decode": "torch sdpa (padded batch)",
                    "attention_prefill": "torch sdpa (per sequence)"}
 W4A16 = "triton w4a16_matmul"

@@ -16,10 +16,9 @@ below (which is the CPU's).
 """
 from __future__ import annotations
 
-import logging
 import traceback
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import Callable
 
 import torch
 from torch.nn import functional as F
@@ -27,8 +26,6 @@ from torch.nn import functional as F
 from lowbit.errors import LowbitError
 from lowbit.kernels.kv_quant import dequantize_kv_ref, packed_head_dim, quantize_kv_ref
 from lowbit.layers.attention import gqa_attention
-
-log = logging.getLogger(__name__)
 
 SCALE_ZERO_BYTES = 2 * 2  # fp16 (scale, zero) per token and KV head, beside the codes
 
@@ -54,10 +51,7 @@ class AttentionKernels:
     decode: Callable | None = None
     prefill: Callable | None = None
     # Both attention kernels take the host-side bound that sizes their grid without a device sync
-    # (max_context_len, max_seqlen_q). It is their signature, not probed: a renamed argument is a
-    # TypeError, never a silent sync per step.
-    decode_takes_max_len: ClassVar[bool] = True
-    prefill_takes_max_q: ClassVar[bool] = True
+    # (max_context_len, max_seqlen_q): part of their signature, passed wherever the host knows it.
 
 
 def load_attention_kernels() -> AttentionKernels:
@@ -193,7 +187,7 @@ class PagedKVCache:
         s = q.shape[0]
         if self.kernels.decode is not None:
             hint = {}
-            if self.kernels.decode_takes_max_len and m.context_lens_host is not None:  # None inside a CUDA graph
+            if m.context_lens_host is not None:  # None inside a CUDA graph
                 hint["max_context_len"] = max(m.context_lens_host[:s])
             return self.kernels.decode(q, self.k[layer], self.v[layer], m.block_tables[:s], m.context_lens[:s],
                                        kv_bits=self.kv_bits, sliding_window=sliding_window, **self._scale_zero(layer),
@@ -222,10 +216,9 @@ class PagedKVCache:
         m = self.meta
         nd = m.num_decode
         if self.kernels.prefill is not None and m.prefill_cu_seqlens_q is not None:
-            hint = {"max_seqlen_q": max(m.query_lens[nd:])} if self.kernels.prefill_takes_max_q else {}
             return self.kernels.prefill(q, self.k[layer], self.v[layer], m.block_tables[nd:], m.prefill_cu_seqlens_q,
                                         m.context_lens[nd:], kv_bits=self.kv_bits, sliding_window=sliding_window,
-                                        **self._scale_zero(layer), **hint)
+                                        **self._scale_zero(layer), max_seqlen_q=max(m.query_lens[nd:]))
         out = torch.empty_like(q)
         start = 0
         for i in range(nd, len(m.query_lens)):

@@ -7,7 +7,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.loading.checkpoint import Checkpoint
-from lowbit.models.llama import LlamaModel
+from lowbit.models.llama import MERGED, LlamaModel
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -74,9 +74,6 @@ def load_weights(model: LlamaModel, ckpt: Checkpoint) -> None:
     for module in model.modules():
         if hasattr(module, "method"):
             module.method.after_load(module)
-
-
-MERGED = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
 
 
 def _g_idx_shared(ckpt: Checkpoint) -> bool:

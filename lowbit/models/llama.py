@@ -18,6 +18,11 @@ from lowbit.layers.rotary import RotaryEmbedding, apply_rotary
 # (layer name, in_features, out_features) -> the weight format of that projection.
 MethodFor = Callable[[str, int, int], LinearMethod | None]
 
+# The projections that share an input, by the checkpoint's names: one merged QLinear each when fused.
+QKV = ("q_proj", "k_proj", "v_proj")
+GATE_UP = ("gate_proj", "up_proj")
+MERGED = (("self_attn", QKV), ("mlp", GATE_UP))
+
 
 def _dense(_name, _i, _o):
     return None
@@ -29,7 +34,7 @@ class Attention(nn.Module):
         h, d = cfg.hidden_size, cfg.head_dim
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
         self.sliding_window = cfg.sliding_window
-        qkv = [("q_proj", self.n_heads * d), ("k_proj", self.n_kv * d), ("v_proj", self.n_kv * d)]
+        qkv = list(zip(QKV, (self.n_heads * d, self.n_kv * d, self.n_kv * d)))
         for name, lin in projections(prefix, "qkv_proj", qkv, h, cfg.qkv_bias, method_for, dtype, fused).items():
             setattr(self, name, lin)
         self.o_proj = QLinear(self.n_heads * d, h, cfg.o_bias, method_for(f"{prefix}.o_proj", self.n_heads * d, h), dtype)
@@ -55,7 +60,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, prefix: str, method_for: MethodFor, dtype, fused: bool):
         super().__init__()
         h, i = cfg.hidden_size, cfg.intermediate_size
-        gate_up = [("gate_proj", i), ("up_proj", i)]
+        gate_up = [(name, i) for name in GATE_UP]
         for name, lin in projections(prefix, "gate_up_proj", gate_up, h, cfg.mlp_bias, method_for, dtype, fused).items():
             setattr(self, name, lin)
         self.down_proj = QLinear(i, h, cfg.mlp_bias, method_for(f"{prefix}.down_proj", i, h), dtype)
