@@ -40,6 +40,8 @@ CASES = [  # (M, N, K, bits, group, sym, act_order, dtype)
     (16, 64, 128, 4, 32, False, True, torch.float16),
     (33, 48, 256, 4, 32, True, False, torch.float16),
     (33, 32, 256, 8, 64, True, False, torch.bfloat16),
+    (16, 48, 384, 4, 128, False, False, torch.float16),  # the fp16 LOP3 tensor-core kernel ('mmh')
+    (33, 40, 320, 4, 64, True, False, torch.float16),  # 'mmh' with a padded last block, g64 lanes
 ]
 
 
@@ -59,7 +61,9 @@ def test_w4a16_matches_reference(m, n, k, bits, group, sym, act_order, dtype):
                                  Config("mm", 16, 16, 2, 2, 4, 1), Config("mm", 32, 32, 1, 1, 4, 1),
                                  Config("mm", 16, 32, 1, 2, 4, 1, wide=True),
                                  Config("dq", BN=32), Config("gemvf", 1, 16, 1, 2, 4, 1),
-                                 Config("gemvh", 1, 16, 1, 2, 4, 1), Config("gemvh", 1, 32, 1, 1, 4, 1)])
+                                 Config("gemvh", 1, 16, 1, 2, 4, 1), Config("gemvh", 1, 32, 1, 1, 4, 1),
+                                 Config("mmh", 16, 32, 1, 2, 4, 1), Config("mmh", 16, 16, 1, 1, 4, 1),
+                                 Config("mmh", 16, 8, 1, 1, 4, 1)])
 def test_w4a16_every_path(cfg):
     """Pinned configs: split-K with a ragged last split (U=2 over 5 blocks), no split, the wide dot,
     and the dense path; twice, so a split-K tile counter left armed by the first call would spoil the second."""

@@ -22,9 +22,11 @@ Z = S + zero * scale. No int->float conversion instruction (a quarter-rate unit 
 Paths, by M (rows of x): at M = 1 on CUDA cores 'gemvh' (fp16x2: LOP3 dequantization and HFMA2
 dots, scales applied once per group; 4-bit containers with natural groups of >= 64 columns),
 'gemvf' (the same fold in fp32, any natural groups) and 'gemv' (per-weight fp32 dequantization
-through the plane-group table: act-order), all three in w4a16_gemv.py; 'mm' (tensor cores;
-BM = 16 for M <= 16, larger tiles for prefill) and 'dq' (dequantize to a dense [K, N] matrix, then
-cuBLAS; offered for M >= 256). gemv and mm split K over a second grid axis when the tiles alone
+through the plane-group table: act-order), all three in w4a16_gemv.py; for decode batches up to
+M = 64 'mmh' (tensor cores fed by LOP3 fp16 dequantization, w4a16_mma.py: 4-bit, natural groups of
+>= 64 columns, fp16) and 'mm' (tensor cores, fp32 dequantization: any weight; BM = 16 for M <= 16,
+larger tiles for prefill); 'dq' (dequantize to a dense [K, N] matrix, then cuBLAS; offered for
+M >= 256). gemv and mm split K over a second grid axis when the tiles alone
 would leave SMs idle: each split stores an fp32 partial and the last split of a tile to arrive (a per-tile counter in
 `locks`) sums them, all in one launch. Which config runs is timed once per (M bucket, N, K, bits,
 dtype) in a CUDA graph and cached (lowbit.kernels._common); the counters assume one stream.
@@ -40,6 +42,7 @@ import triton.language as tl
 
 from lowbit.kernels._common import interpreting, new_empty, next_pow2, pick_config, sm_count
 from lowbit.kernels.w4a16_gemv import _gemv_fold_kernel, _gemv_h2_kernel, _gemv_kernel
+from lowbit.kernels.w4a16_mma import _mm_h2_kernel
 from lowbit.kernels.w4a16_tiles import DOT_F32, _dequant, _finish, _plane_scales
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -269,7 +272,7 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, pg_ptr, out_ptr, N, stride_wr, stride_g
 # ---- dispatch -----------------------------------------------------------------------------------
 
 class Config(NamedTuple):
-    kind: str  # 'gemv' | 'gemvf' (fold gemv, natural groups) | 'gemvh' (fp16x2 fold gemv) | 'mm' | 'dq'
+    kind: str  # 'gemv' | 'gemvf' (fold gemv, natural groups) | 'gemvh' (fp16x2 fold gemv) | 'mmh' | 'mm' | 'dq'
     BM: int = 16
     BN: int = 64
     U: int = 1  # blocks (E planes each) per loop iteration
@@ -291,7 +294,12 @@ def _h2_applies(w: W4A16Weight) -> bool:
     return w.container_bits == 4 and w.group_planes is not None and w.group_planes >= 4
 
 
-def _candidates(m: int, n: int, w: W4A16Weight, device: torch.device) -> list[Config]:
+def _mmh_applies(w: W4A16Weight, dtype: torch.dtype) -> bool:
+    """The fp16-dequantizing tensor-core kernel: the fp16x2 gemv's weights, fp16 x and scales."""
+    return _h2_applies(w) and dtype == torch.float16 and w.scales_gxn.dtype == torch.float16
+
+
+def _candidates(m: int, n: int, w: W4A16Weight, device: torch.device, dtype: torch.dtype) -> list[Config]:
     nb = w.n_blocks
     sms = sm_count(device)
     cdiv = triton.cdiv
@@ -300,7 +308,8 @@ def _candidates(m: int, n: int, w: W4A16Weight, device: torch.device) -> list[Co
             kind = ("gemvh" if _h2_applies(w) else "gemvf") if w.group_planes else "gemv"
             return [Config(kind, 1, 32, 1, _fill_split(cdiv(n, 32), nb, sms), 4, 1)]
         bm = 16 if m <= 16 else 32
-        return [Config("mm", bm, 32, 1, _fill_split(cdiv(m, bm) * cdiv(n, 32), nb, sms), 4, 1)]
+        kind = "mmh" if m <= 64 and _mmh_applies(w, dtype) else "mm"
+        return [Config(kind, bm, 32, 1, _fill_split(cdiv(m, bm) * cdiv(n, 32), nb, sms), 4, 1)]
 
     def with_splits(kind, bm, bn, u, warps, stages):
         programs = cdiv(m, bm) * cdiv(n, bn)
@@ -308,6 +317,15 @@ def _candidates(m: int, n: int, w: W4A16Weight, device: torch.device) -> list[Co
         return [Config(kind, bm, bn, u, s, warps, stages) for s in dict.fromkeys((fill, 1))]
 
     out: list[Config] = []
+    if m <= 64 and _mmh_applies(w, dtype):
+        # one int32 of codes feeds eight K = 16 dots: BN columns of a block per program
+        bms = (16,) if m <= 16 else (32, 64)
+        for bm in bms:
+            for bn, warps in ((64, 4), (128, 4), (256, 8), (32, 4)):
+                for stages in (3, 4):
+                    out += with_splits("mmh", bm, bn, 1, warps, stages)
+        if m > 1:
+            return list(dict.fromkeys(out))
     if m == 1 and w.group_planes:
         # a thread holds BN / 128 16-byte loads of a row (x work is per row) and 16 / warps rows
         tiles = [(512, 4), (1024, 4), (1024, 8), (512, 2), (256, 4), (128, 4), (256, 8), (64, 2)]
@@ -363,7 +381,13 @@ def _launch(cfg: Config, x2: torch.Tensor, w: W4A16Weight, out: torch.Tensor) ->
         split, bps = 1, nb  # more tiles than counters (a config for large M): no split
     partial = split > 1
     ws = new_empty((split, m, n), torch.float32, x2.device) if partial else out
-    if cfg.kind == "gemvh":
+    if cfg.kind == "mmh":
+        _mm_h2_kernel[(tiles, split)](
+            x2, qw, s, z, out, ws, w.locks, m, n, kx, s.shape[0], nb, bps, split, x2.stride(0), qw.stride(0),
+            s.stride(0), P=PLANE, BM=cfg.BM, BN=cfg.BN, GROUP_PLANES=w.group_planes, EVEN_K=kx % (8 * PLANE) == 0,
+            EVEN_N=n % cfg.BN == 0, PARTIAL=partial,
+            num_warps=cfg.warps, num_stages=cfg.stages)
+    elif cfg.kind == "gemvh":
         _gemv_h2_kernel[(triton.cdiv(n, cfg.BN), split)](
             x2, qw, s, z, out, ws, w.locks, n, kx, s.shape[0], nb, bps, split, qw.stride(0), s.stride(0),
             P=PLANE, BN=cfg.BN, GROUP_PLANES=w.group_planes, PARTIAL=partial,
@@ -409,6 +433,6 @@ def w4a16_matmul(x: torch.Tensor, w: W4A16Weight, config: Config | None = None) 
     if m == 0:
         return out.reshape(*lead, n)
     if config is None:
-        config = pick_config(tune_key(m, w, x.dtype), lambda: _candidates(m, n, w, x.device), lambda c: _launch(c, x2, w, out), x.device)
+        config = pick_config(tune_key(m, w, x.dtype), lambda: _candidates(m, n, w, x.device, x.dtype), lambda c: _launch(c, x2, w, out), x.device)
     _launch(config, x2, w, out)
     return out.reshape(*lead, n)
