@@ -63,7 +63,7 @@ def test_w4a16_matches_reference(m, n, k, bits, group, sym, act_order, dtype):
                                  Config("dq", BN=32), Config("gemvf", 1, 16, 1, 2, 4, 1),
                                  Config("gemvh", 1, 16, 1, 2, 4, 1), Config("gemvh", 1, 32, 1, 1, 4, 1),
                                  Config("mmh", 16, 32, 1, 2, 4, 1), Config("mmh", 16, 16, 1, 1, 4, 1),
-                                 Config("mmh", 16, 8, 1, 1, 4, 1)])
+                                 Config("mmt", 16, 32, 1, 2, 4, 1), Config("mmt", 16, 16, 1, 1, 4, 1)])
 def test_w4a16_every_path(cfg):
     """Pinned configs: split-K with a ragged last split (U=2 over 5 blocks), no split, the wide dot,
     and the dense path; twice, so a split-K tile counter left armed by the first call would spoil the second."""
@@ -78,6 +78,20 @@ def test_w4a16_every_path(cfg):
         assert out.shape == (1, m, n)
         assert rel_err(out, ref) < 4e-3
         assert int(w.locks.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("cfg", [Config("mmh", 16, 64, 1, 2, 4, 1), Config("mmt", 16, 64, 1, 1, 4, 1)])
+@pytest.mark.parametrize("group", [64, 128])
+def test_w4a16_fp16_tensor_core_whole_tiles(cfg, group):
+    """The LOP3 tensor-core kernels where N and K fill whole tiles (their unmasked loads), both
+    group layouts (g64: a block's halves are two groups), a batch smaller than the tile."""
+    m, n, k = 5, 128, 512
+    codes, scales, zeros, _ = make_weight(n, k, 4, group, False, False, seed=group)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(5)).half()
+    w = pack_w4a16(codes.to(DEV), scales.to(DEV), zeros.to(DEV), group, bits=4)
+    out = w4a16_matmul(x.to(DEV), w, config=cfg)
+    assert rel_err(out, w4a16_ref(x.float(), codes, scales, zeros, group)) < 4e-3
+    assert int(w.locks.abs().sum()) == 0
 
 
 def test_w4a16_irregular_groups_and_padding():

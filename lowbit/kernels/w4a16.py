@@ -24,7 +24,8 @@ dots, scales applied once per group; 4-bit containers with natural groups of >= 
 'gemvf' (the same fold in fp32, any natural groups) and 'gemv' (per-weight fp32 dequantization
 through the plane-group table: act-order), all three in w4a16_gemv.py; for decode batches up to
 M = 64 'mmh' (tensor cores fed by LOP3 fp16 dequantization, w4a16_mma.py: 4-bit, natural groups of
->= 64 columns, fp16) and 'mm' (tensor cores, fp32 dequantization: any weight; BM = 16 for M <= 16,
+>= 64 columns, fp16) and 'mmt' (the same with the product swapped, out^T = W x^T, so that the
+weights are the MMA's M side: Hopper's warpgroup MMA with the planes in registers) and 'mm' (tensor cores, fp32 dequantization: any weight; BM = 16 for M <= 16,
 larger tiles for prefill); 'dq' (dequantize to a dense [K, N] matrix, then cuBLAS; offered for
 M >= 256). gemv and mm split K over a second grid axis when the tiles alone
 would leave SMs idle: each split stores an fp32 partial and the last split of a tile to arrive (a per-tile counter in
@@ -42,7 +43,7 @@ import triton.language as tl
 
 from lowbit.kernels._common import interpreting, new_empty, next_pow2, pick_config, sm_count
 from lowbit.kernels.w4a16_gemv import _gemv_fold_kernel, _gemv_h2_kernel, _gemv_kernel
-from lowbit.kernels.w4a16_mma import _mm_h2_kernel
+from lowbit.kernels.w4a16_mma import _mm_h2_kernel, _mm_h2t_kernel
 from lowbit.kernels.w4a16_tiles import DOT_F32, _dequant, _finish, _plane_scales
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -272,7 +273,7 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, pg_ptr, out_ptr, N, stride_wr, stride_g
 # ---- dispatch -----------------------------------------------------------------------------------
 
 class Config(NamedTuple):
-    kind: str  # 'gemv' | 'gemvf' (fold gemv, natural groups) | 'gemvh' (fp16x2 fold gemv) | 'mmh' | 'mm' | 'dq'
+    kind: str  # 'gemv' | 'gemvf' (fold gemv) | 'gemvh' (fp16x2 fold gemv) | 'mmh' | 'mmt' (swapped mmh) | 'mm' | 'dq'
     BM: int = 16
     BN: int = 64
     U: int = 1  # blocks (E planes each) per loop iteration
@@ -324,6 +325,10 @@ def _candidates(m: int, n: int, w: W4A16Weight, device: torch.device, dtype: tor
             for bn, warps in ((64, 4), (128, 4), (256, 8), (32, 4)):
                 for stages in (3, 4):
                     out += with_splits("mmh", bm, bn, 1, warps, stages)
+            # swapped (weights on the MMA's M side): BN >= 64 rows for Hopper's warpgroup MMA
+            for bn, warps in ((64, 4), (128, 4), (256, 8)):
+                for stages in (3, 4):
+                    out += with_splits("mmt", bm, bn, 1, warps, stages)
         if m > 1:
             return list(dict.fromkeys(out))
     if m == 1 and w.group_planes:
@@ -381,8 +386,9 @@ def _launch(cfg: Config, x2: torch.Tensor, w: W4A16Weight, out: torch.Tensor) ->
         split, bps = 1, nb  # more tiles than counters (a config for large M): no split
     partial = split > 1
     ws = new_empty((split, m, n), torch.float32, x2.device) if partial else out
-    if cfg.kind == "mmh":
-        _mm_h2_kernel[(tiles, split)](
+    if cfg.kind in ("mmh", "mmt"):
+        kernel = _mm_h2_kernel if cfg.kind == "mmh" else _mm_h2t_kernel
+        kernel[(tiles, split)](
             x2, qw, s, z, out, ws, w.locks, m, n, kx, s.shape[0], nb, bps, split, x2.stride(0), qw.stride(0),
             s.stride(0), P=PLANE, BM=cfg.BM, BN=cfg.BN, GROUP_PLANES=w.group_planes, EVEN_K=kx % (8 * PLANE) == 0,
             EVEN_N=n % cfg.BN == 0, PARTIAL=partial,
