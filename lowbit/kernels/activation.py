@@ -7,12 +7,14 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels._common import interpreting, new_empty
+from lowbit.kernels.pdl import launch_options, pdl_begin
 
 _TRITON_INTERPRET = interpreting()
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, inter, stride_x, stride_o, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, inter, stride_x, stride_o, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_begin(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = offs < inter
@@ -33,7 +35,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if x2.shape[0] and inter:
         block = 1024 if inter >= 1024 else max(16, 1 << (inter - 1).bit_length())
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(inter, block))](x2, out, inter, x2.stride(0), out.stride(0),
-                                                                       BLOCK=block, num_warps=4)
+                                                                       BLOCK=block, num_warps=4,
+                                                                       **launch_options(x.device))
     return out.view(*x.shape[:-1], inter)
 
 

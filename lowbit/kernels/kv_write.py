@@ -13,6 +13,7 @@ import triton.language as tl
 from lowbit.kernels._common import interpreting, next_pow2
 from lowbit.kernels.kv_quant import quantize_kv_ref
 from lowbit.kernels.kv_tile import check_cache, sz_strides
+from lowbit.kernels.pdl import launch_options, pdl_begin
 
 _TRITON_INTERPRET = interpreting()
 
@@ -63,7 +64,8 @@ def _store_token(x_ptr, c_ptr, sz_ptr, c_off, sz_off, D,
 def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, slot_ptr,
                      stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_cb, stride_ct, stride_ch, stride_zb, stride_zt, stride_zh,
-                     D, BLOCK_SIZE, KV_BITS: tl.constexpr, BLOCK_D: tl.constexpr):
+                     D, BLOCK_SIZE, KV_BITS: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_begin(USE_PDL)
     t = tl.program_id(0)
     h = tl.program_id(1)
     slot = tl.load(slot_ptr + t)
@@ -96,7 +98,8 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     _write_kv_kernel[(t, kvh)](k, v, k_cache, v_cache, ksz, vsz, slot_mapping,
                                k.stride(0), k.stride(1), v.stride(0), v.stride(1), *k_cache.stride()[:3],
                                *sz_strides(k_scale_zero, kv_bits), d, bs,
-                               KV_BITS=kv_bits, BLOCK_D=max(16, next_pow2(d)), num_warps=1)
+                               KV_BITS=kv_bits, BLOCK_D=max(16, next_pow2(d)), num_warps=1,
+                               **launch_options(k.device))
 
 
 def write_kv_ref(k, v, k_cache, v_cache, slot_mapping, kv_bits=16, k_scale_zero=None, v_scale_zero=None) -> None:

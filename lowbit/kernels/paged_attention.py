@@ -16,6 +16,7 @@ import triton.language as tl
 
 from lowbit.kernels._common import interpreting, new_empty, next_pow2, sm_count
 from lowbit.kernels.kv_tile import check_cache, codes_minus, gather_kv_ref, sz_strides
+from lowbit.kernels.pdl import launch_options, pdl_begin
 
 _TRITON_INTERPRET = interpreting()
 NO_WINDOW = 1 << 30
@@ -45,7 +46,7 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, ctx_ptr, out
                    qk_scale, window, tokens_per_split, QH,
                    D: tl.constexpr, KV_BITS: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PARTIAL: tl.constexpr,
-                   MAGIC16: tl.constexpr, UPCAST: tl.constexpr):
+                   MAGIC16: tl.constexpr, UPCAST: tl.constexpr, USE_PDL: tl.constexpr):
     # Quantized K/V are never dequantized element by element: with per-token scale s and zero z,
     #   q . k_t = s_t (q . c_t) + (z_t - OFF s_t) sum(q)       and
     #   sum_t p_t v_t = (p s) @ c + sum_t p_t (z_t - OFF s_t)  (per output row),
@@ -55,6 +56,7 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, ctx_ptr, out
     DH: tl.constexpr = BLOCK_D // HALVES
     CODE_OFF: tl.constexpr = 8.0 if KV_BITS == 4 else 128.0
     OFF: tl.constexpr = CODE_OFF + 1024.0 if MAGIC16 else CODE_OFF
+    pdl_begin(USE_PDL)
     s = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -143,7 +145,8 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, ctx_ptr, out
 @triton.jit
 def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr, SPLITS, D,
                          stride_ps, stride_ph, stride_psp, stride_ls, stride_lh, stride_os, stride_oh,
-                         BLOCK_SP: tl.constexpr, BLOCK_D: tl.constexpr):
+                         BLOCK_SP: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_begin(USE_PDL)
     s = tl.program_id(0)
     h = tl.program_id(1)
     offs_sp = tl.arange(0, BLOCK_SP)
@@ -215,11 +218,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         qk_scale, sliding_window or NO_WINDOW, tps, qh,
         D=d, KV_BITS=kv_bits, BLOCK_SIZE=bs, BLOCK_H=max(16, next_pow2(qh)), BLOCK_N=block_n, BLOCK_D=block_d,
         PARTIAL=partial, MAGIC16=q.dtype == torch.float16, UPCAST=interpreting() and q.dtype == torch.bfloat16,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_options(q.device))
     if partial:
         _merge_splits_kernel[(n_seq, n_heads)](
             part, lse, out, splits, d, *part.stride()[:3], *lse.stride()[:2], *out.stride()[:2],
-            BLOCK_SP=max(2, next_pow2(splits)), BLOCK_D=block_d, num_warps=4)
+            BLOCK_SP=max(2, next_pow2(splits)), BLOCK_D=block_d, num_warps=4, **launch_options(q.device))
     return out
 
 

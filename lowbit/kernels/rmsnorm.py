@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels._common import interpreting, new_empty, next_pow2
+from lowbit.kernels.pdl import launch_options, pdl_begin
 
 _TRITON_INTERPRET = interpreting()
 
@@ -18,7 +19,8 @@ _TRITON_INTERPRET = interpreting()
 @triton.jit
 def _rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, new_r_ptr, D, eps,
                     stride_x, stride_r, stride_o, stride_nr,
-                    HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr):
+                    HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_begin(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     m = d < D
@@ -55,7 +57,8 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.T
         block_d = max(16, next_pow2(d))
         _rmsnorm_kernel[(rows,)](x2, r2, weight, out, new_r, d, eps, x2.stride(0), r2.stride(0),
                                  out.stride(0), new_r.stride(0), HAS_RESIDUAL=residual is not None,
-                                 BLOCK_D=block_d, num_warps=min(16, max(1, block_d // 256)))
+                                 BLOCK_D=block_d, num_warps=min(16, max(1, block_d // 256)),
+                                 **launch_options(x.device))
     out = out.view(x.shape)
     return out if residual is None else (out, new_r.view(x.shape))
 

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels._common import interpreting, next_pow2
+from lowbit.kernels.pdl import launch_options, pdl_begin
 
 _TRITON_INTERPRET = interpreting()
 
@@ -63,7 +64,9 @@ def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_ca
 @triton.jit
 def _rotary_rows_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_ct,
                         stride_st, n_q_heads, n_k_heads, HALF,
-                        BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr):
+                        BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                        USE_PDL: tl.constexpr):
+    pdl_begin(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, BLOCK_HALF)
     cos = tl.load(cos_ptr + t * stride_ct + i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
@@ -87,7 +90,8 @@ def rotary_cos_sin(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: tor
     half = d // 2
     _rotary_rows_kernel[(t,)](q, k, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
                               sin.stride(0), n_q, k.shape[1], half, BLOCK_QH=next_pow2(n_q),
-                              BLOCK_KH=next_pow2(k.shape[1]), BLOCK_HALF=max(16, next_pow2(half)), num_warps=4)
+                              BLOCK_KH=next_pow2(k.shape[1]), BLOCK_HALF=max(16, next_pow2(half)), num_warps=4,
+                              **launch_options(q.device))
 
 
 def cos_sin_cache(inv_freq: torch.Tensor, max_position: int) -> torch.Tensor:

@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels._common import interpreting, new_empty, next_pow2, pick_config, sm_count
+from lowbit.kernels.pdl import launch_options
 from lowbit.kernels.w4a16_gemv import _gemv_fold_kernel, _gemv_h2_kernel, _gemv_kernel
 from lowbit.kernels.w4a16_mma import _mm_h2_kernel, _mm_h2t_kernel
 from lowbit.kernels.w4a16_tiles import DOT_F32, _dequant, _finish, _plane_scales
@@ -318,19 +319,17 @@ def _candidates(m: int, n: int, w: W4A16Weight, device: torch.device, dtype: tor
         return [Config(kind, bm, bn, u, s, warps, stages) for s in dict.fromkeys((fill, 1))]
 
     out: list[Config] = []
-    if m <= 64 and _mmh_applies(w, dtype):
-        # one int32 of codes feeds eight K = 16 dots: BN columns of a block per program
-        bms = (16,) if m <= 16 else (32, 64)
-        for bm in bms:
-            for bn, warps in ((64, 4), (128, 4), (256, 8), (32, 4)):
-                for stages in (3, 4):
-                    out += with_splits("mmh", bm, bn, 1, warps, stages)
-            # swapped (weights on the MMA's M side): BN >= 64 rows for Hopper's warpgroup MMA
-            for bn, warps in ((64, 4), (128, 4), (256, 8)):
-                for stages in (3, 4):
-                    out += with_splits("mmt", bm, bn, 1, warps, stages)
-        if m > 1:
-            return list(dict.fromkeys(out))
+    if 1 < m <= 64 and _mmh_applies(w, dtype):
+        # the tiles that won somewhere in benchmarks/results/bench_gemv_mmh_*.json (H100; at M = 1
+        # the fp16x2 gemv always beat both): few, since every config is one more compile at start
+        if m <= 16:
+            tiles = [("mmt", 16, 64, 3), ("mmh", 16, 64, 3), ("mmh", 16, 64, 4), ("mmt", 16, 128, 3)]
+        else:
+            tiles = [("mmt", 32, 64, 3), ("mmt", 64, 64, 3), ("mmt", 32, 128, 3), ("mmh", 32, 128, 3),
+                     ("mmh", 32, 64, 3)]
+        for kind, bm, bn, stages in tiles:
+            out += with_splits(kind, bm, bn, 1, 4, stages)
+        return list(dict.fromkeys(out))
     if m == 1 and w.group_planes:
         # a thread holds BN / 128 16-byte loads of a row (x work is per row) and 16 / warps rows
         tiles = [(512, 4), (1024, 4), (1024, 8), (512, 2), (256, 4), (128, 4), (256, 8), (64, 2)]
@@ -392,12 +391,12 @@ def _launch(cfg: Config, x2: torch.Tensor, w: W4A16Weight, out: torch.Tensor) ->
             x2, qw, s, z, out, ws, w.locks, m, n, kx, s.shape[0], nb, bps, split, x2.stride(0), qw.stride(0),
             s.stride(0), P=PLANE, BM=cfg.BM, BN=cfg.BN, GROUP_PLANES=w.group_planes, EVEN_K=kx % (8 * PLANE) == 0,
             EVEN_N=n % cfg.BN == 0, PARTIAL=partial,
-            num_warps=cfg.warps, num_stages=cfg.stages)
+            num_warps=cfg.warps, num_stages=cfg.stages, **launch_options(x2.device))
     elif cfg.kind == "gemvh":
         _gemv_h2_kernel[(triton.cdiv(n, cfg.BN), split)](
             x2, qw, s, z, out, ws, w.locks, n, kx, s.shape[0], nb, bps, split, qw.stride(0), s.stride(0),
             P=PLANE, BN=cfg.BN, GROUP_PLANES=w.group_planes, PARTIAL=partial,
-            num_warps=cfg.warps, num_stages=cfg.stages)
+            num_warps=cfg.warps, num_stages=cfg.stages, **launch_options(x2.device))
     elif cfg.kind == "gemvf":
         _gemv_fold_kernel[(triton.cdiv(n, cfg.BN), split)](
             x2, qw, s, z, out, ws, w.locks, n, kx, s.shape[0], nb, bps, split, qw.stride(0), s.stride(0),

@@ -14,8 +14,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from lowbit.kernels.pdl import pdl_begin
 from lowbit.kernels.w4a16_tiles import (DOT_F32, _code_plus_one, _dequant, _finish, _group_scale_zero, _half_pair,
-                                        _plane_scales)
+                                        _plane_scales, prefetch_blocks)
 
 
 @triton.jit
@@ -163,7 +164,8 @@ def _h2_dot(w, x0, x1, x2, x3):
 @triton.jit
 def _gemv_h2_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
                     N, KX, n_groups, n_blocks, blocks_per_split, split, stride_wr, stride_g,
-                    P: tl.constexpr, BN: tl.constexpr, GROUP_PLANES: tl.constexpr, PARTIAL: tl.constexpr):
+                    P: tl.constexpr, BN: tl.constexpr, GROUP_PLANES: tl.constexpr, PARTIAL: tl.constexpr,
+                    USE_PDL: tl.constexpr):
     # M = 1, 4-bit container, natural groups of >= 64 columns: each int32 is one _h2_dot (about two
     # instructions a weight), whose two lanes fall in the block's first and second half (E = 8
     # planes of P), so a group of 64 is one lane and of >= 128 both. Scales are applied per group:
@@ -178,6 +180,8 @@ def _gemv_h2_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
     b_start = pid_s * blocks_per_split
     b_end = tl.minimum(b_start + blocks_per_split, n_blocks)
     w_ptrs = w_ptr + offs_p[:, None] * stride_wr + offs_n[None, :]
+    prefetch_blocks(w_ptr, b_start, n_blocks, pid_n * BN, N, stride_wr, P, BN, USE_PDL)
+    pdl_begin(USE_PDL)
     for b in range(b_start, b_end):
         w = tl.load(w_ptrs + b * P * stride_wr, mask=nmask[None, :], other=0)
         k = b * (8 * P) + offs_p

@@ -19,7 +19,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from lowbit.kernels.w4a16_tiles import DOT_F32, _finish
+from lowbit.kernels.pdl import pdl_begin
+from lowbit.kernels.w4a16_tiles import DOT_F32, _finish, prefetch_blocks
 
 # Two elements at a time (pack = 2): $8, $9 = two int32 of codes (q_j in bits [4j, 4j + 4));
 # $10 / $11 = the half2 {1024 + z, 1024 + z'} of their zeros for planes 0-3 / 4-7. Out $j = the
@@ -117,7 +118,8 @@ def _dot_plane(acc, x_ptrs, k0, KX, wt, EVEN_K: tl.constexpr):
 def _mm_h2_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
                   M, N, KX, n_groups, n_blocks, blocks_per_split, split, stride_xm, stride_wr, stride_g,
                   P: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_PLANES: tl.constexpr,
-                  EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PARTIAL: tl.constexpr):
+                  EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PARTIAL: tl.constexpr,
+                  USE_PDL: tl.constexpr):
     # EVEN_K: KX fills whole blocks of 8 * P columns; EVEN_N: N fills whole tiles of BN. Then no
     # load needs a mask: rows past M read row M - 1 again and are dropped at the store.
     pid = tl.program_id(0)
@@ -135,6 +137,8 @@ def _mm_h2_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
     b_end = tl.minimum(b_start + blocks_per_split, n_blocks)
     w_ptrs = w_ptr + offs_p[:, None] * stride_wr + offs_n[None, :]
     x_ptrs = x_ptr + tl.minimum(offs_m, M - 1)[:, None] * stride_xm + offs_p[None, :]
+    prefetch_blocks(w_ptr, b_start, n_blocks, pid_n * BN, N, stride_wr, P, BN, USE_PDL)
+    pdl_begin(USE_PDL)
     for b in range(b_start, b_end):
         w = _load_n(w_ptrs + b * P * stride_wr, nmask[None, :], EVEN_N)
         # the block's halves (planes 0-3 and 4-7) lie in groups g_lo and g_hi; padding planes past
@@ -175,7 +179,8 @@ def _mm_h2_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
 def _mm_h2t_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
                    M, N, KX, n_groups, n_blocks, blocks_per_split, split, stride_xm, stride_wr, stride_g,
                    P: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_PLANES: tl.constexpr,
-                   EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PARTIAL: tl.constexpr):
+                   EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PARTIAL: tl.constexpr,
+                  USE_PDL: tl.constexpr):
     # `_mm_h2_kernel` with the product swapped: out^T [BN, BM] = W [BN, K] @ x^T [K, BM]. The
     # dequantized planes are the MMA's A operand, which Hopper's wgmma takes from registers, and
     # BN >= 64 output columns fill its 64-row tiles however small the batch.
@@ -194,6 +199,8 @@ def _mm_h2t_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
     b_end = tl.minimum(b_start + blocks_per_split, n_blocks)
     w_ptrs = w_ptr + offs_n[:, None] + offs_p[None, :] * stride_wr
     xt_ptrs = x_ptr + offs_p[:, None] + tl.minimum(offs_m, M - 1)[None, :] * stride_xm
+    prefetch_blocks(w_ptr, b_start, n_blocks, pid_n * BN, N, stride_wr, P, BN, USE_PDL)
+    pdl_begin(USE_PDL)
     for b in range(b_start, b_end):
         w = _load_n(w_ptrs + b * P * stride_wr, nmask[:, None], EVEN_N)
         g_lo = tl.minimum((b * 8) // GROUP_PLANES, n_groups - 1)

@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels._common import interpreting
+from lowbit.kernels.pdl import prefetch_l2
 
 _TRITON_INTERPRET = interpreting()  # what @triton.jit saw when this module was imported
 # Triton's CPU interpreter multiplies bf16 dot operands as raw bits: it gets fp32 operands instead
@@ -55,6 +56,19 @@ def _half_pair(a, b):
     """Two fp16 tensors -> int32 holding the half2 {a, b} (a in the low half)."""
     lo = a.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
     return lo | (b.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+
+
+@triton.jit
+def prefetch_blocks(w_ptr, b, n_blocks, n0, N, stride_wr, P: tl.constexpr, BN: tl.constexpr,
+                    USE_PDL: tl.constexpr):
+    """L2 prefetch of the weight rows of blocks b and b + 1 (columns n0 .. n0 + BN), one hint per
+    128-byte line, issued before a programmatic dependent waits for the kernel before it. Indices
+    are clamped into the tensor: a hint never points outside it."""
+    if USE_PDL:
+        LINES: tl.constexpr = (BN + 31) // 32
+        cols = tl.minimum(n0 + tl.arange(0, LINES) * 32, N - 1)
+        rows = tl.minimum(b * P + tl.arange(0, 2 * P), n_blocks * P - 1)
+        prefetch_l2(w_ptr + rows[:, None] * stride_wr + cols[None, :], USE_PDL)
 
 
 @triton.jit

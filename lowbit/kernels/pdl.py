@@ -1,0 +1,60 @@
+"""Programmatic dependent launch (PDL, compute capability >= 9.0) for the decode step's kernels.
+
+A decode step is a chain of small kernels, each waiting for the one before; between two of them
+the GPU idles for about a microsecond while the next grid launches (~0.3 ms of a batch-1 step).
+With PDL a kernel launched with `launch_pdl` may start while its predecessor still runs, once every
+program of the predecessor has signalled (`gdc_launch_dependents`, which our kernels do first);
+it must then wait (`gdc_wait`) for the predecessor to finish and flush before it reads anything the
+predecessor wrote. Every kernel launched this way waits, so each finished kernel implies all the
+ones before it did too. What a kernel may do before waiting: touch data no kernel of the step
+writes, e.g. prefetch its weights into L2 (`prefetch_l2`).
+
+Opt-in for now: `LOWBIT_PDL=1` turns it on (the interpreter and GPUs before Hopper never use it).
+Measured on the H100 (benchmarks/README.md, "Programmatic dependent launch"): correct in every kernel
+test and in greedy decoding of a W4A16 7B model; fp16 batch-1 decode 170 tokens/s against 156-164
+without it in the same session's runs, within run-to-run noise at concurrency 16/64; the W4A16
+engine's speed with it is not measured yet, so it stays off by default until it is.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from lowbit.kernels._common import interpreting
+
+
+@functools.lru_cache(maxsize=None)
+def _capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Whether kernels on `device` are launched as programmatic dependents."""
+    if device.type != "cuda" or interpreting() or os.environ.get("LOWBIT_PDL", "0") != "1":
+        return False
+    return _capable(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def launch_options(device: torch.device) -> dict:
+    """Keyword arguments for a kernel launch: (USE_PDL constexpr, launch_pdl)."""
+    return {"USE_PDL": True, "launch_pdl": True} if use_pdl(device) else {"USE_PDL": False}
+
+
+@triton.jit
+def pdl_begin(USE_PDL: tl.constexpr):
+    """Let the next kernel launch, then wait until the previous one has finished and flushed."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def prefetch_l2(ptrs, USE_PDL: tl.constexpr):
+    """A hint: bring the 128-byte lines at `ptrs` into L2 (before pdl_begin, for constant data)."""
+    if USE_PDL:
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [ptrs], dtype=tl.int32,
+                                  is_pure=False, pack=1)
