@@ -44,7 +44,7 @@ import triton.language as tl
 from lowbit.kernels._common import interpreting, new_empty, next_pow2, pick_config, sm_count
 from lowbit.kernels.pdl import launch_options
 from lowbit.kernels.w4a16_gemv import _gemv_fold_kernel, _gemv_h2_kernel, _gemv_kernel
-from lowbit.kernels.w4a16_mma import _mm_h2_kernel, _mm_h2t_kernel
+from lowbit.kernels.w4a16_mma import _mm_h2_kernel
 from lowbit.kernels.w4a16_tiles import DOT_F32, _dequant, _finish, _plane_scales
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -387,11 +387,10 @@ def _launch(cfg: Config, x2: torch.Tensor, w: W4A16Weight, out: torch.Tensor) ->
     partial = split > 1
     ws = new_empty((split, m, n), torch.float32, x2.device) if partial else out
     if cfg.kind in ("mmh", "mmt"):
-        kernel = _mm_h2_kernel if cfg.kind == "mmh" else _mm_h2t_kernel
-        kernel[(tiles, split)](
+        _mm_h2_kernel[(tiles, split)](
             x2, qw, s, z, out, ws, w.locks, m, n, kx, s.shape[0], nb, bps, split, x2.stride(0), qw.stride(0),
             s.stride(0), P=PLANE, BM=cfg.BM, BN=cfg.BN, GROUP_PLANES=w.group_planes, EVEN_K=kx % (8 * PLANE) == 0,
-            EVEN_N=n % cfg.BN == 0, PARTIAL=partial,
+            EVEN_N=n % cfg.BN == 0, SWAP=cfg.kind == "mmt", PARTIAL=partial,
             num_warps=cfg.warps, num_stages=cfg.stages, **launch_options(x2.device))
     elif cfg.kind == "gemvh":
         _gemv_h2_kernel[(triton.cdiv(n, cfg.BN), split)](

@@ -8,7 +8,8 @@ inline PTX, two int32 of the tile at a time: a PRMT pairs their low (high) halve
 {1024 + z, 1024 + z'} leaves q_j - z, q'_j - z' (exact in fp16): about 1.5 instructions a weight.
 Each plane feeds one K = 16 tensor-core dot against its contiguous [BM, P] slice of x, and the
 scale is applied once per group and output in fp32 (sum_k x (q - z) s = s * sum_k x (q - z)), not
-per weight.
+per weight. With SWAP ('mmt'; 'mmh' without) the product is computed transposed, out^T = W x^T, so
+that on Hopper the planes are the warpgroup MMA's register operand.
 
 Planes 0-3 of a block are its first 64 columns and planes 4-7 the next 64, so the kernel takes
 natural groups of >= 64 columns (g64: the two halves are two groups; g128 and wider: one) and fp16
@@ -87,39 +88,46 @@ def _load_n(ptrs, nmask, EVEN_N: tl.constexpr):
 
 
 @triton.jit
-def _dot_plane_t(acc, xt_ptrs, k0, KX, wt, EVEN_K: tl.constexpr):
-    """acc[BN, BM] += wt[BN, P] @ x[:, k0 : k0 + P]^T (the swapped product: the weights are the
-    MMA's M side, so a decode batch of 16 still fills Hopper's 64-row tensor-core tiles)."""
-    if EVEN_K:
-        xt = tl.load(xt_ptrs + k0)
+def _along_n(v, SWAP: tl.constexpr):
+    """A per-output-column vector [BN] shaped to broadcast over the tile: [BN, 1] swapped, else [1, BN]."""
+    if SWAP:  # (one return: Triton checks every return of a function against the others)
+        out = v[:, None]
     else:
-        offs_p = tl.arange(0, xt_ptrs.shape[0])
-        xt = tl.load(xt_ptrs + k0, mask=(k0 + offs_p < KX)[:, None], other=0.0)
-    if DOT_F32:
-        return tl.dot(wt.to(tl.float32), xt.to(tl.float32), acc)
-    return tl.dot(wt, xt, acc)
+        out = v[None, :]
+    return out
 
 
 @triton.jit
-def _dot_plane(acc, x_ptrs, k0, KX, wt, EVEN_K: tl.constexpr):
-    """acc += x[:, k0 : k0 + P] @ wt: one plane, K = 16. x_ptrs point at the tile's rows, columns
-    0..P-1; columns past KX (padding of the last block) read as 0 unless K fills whole blocks."""
+def _dot_plane(acc, x_ptrs, k0, KX, wt, EVEN_K: tl.constexpr, SWAP: tl.constexpr):
+    """One plane, K = 16: acc [BM, BN] += x[:, k0 : k0 + P] @ wt [P, BN], or swapped acc [BN, BM] +=
+    wt [BN, P] @ x[:, k0 : k0 + P]^T. Columns of x past KX (the last block's padding) read as 0
+    unless K fills whole blocks."""
     if EVEN_K:
         xt = tl.load(x_ptrs + k0)
+    elif SWAP:
+        offs_p = tl.arange(0, x_ptrs.shape[0])
+        xt = tl.load(x_ptrs + k0, mask=(k0 + offs_p < KX)[:, None], other=0.0)
     else:
         offs_p = tl.arange(0, x_ptrs.shape[1])
         xt = tl.load(x_ptrs + k0, mask=(k0 + offs_p < KX)[None, :], other=0.0)
     if DOT_F32:
-        return tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc)
-    return tl.dot(xt, wt, acc)
+        wt, xt = wt.to(tl.float32), xt.to(tl.float32)
+    if SWAP:
+        acc = tl.dot(wt, xt, acc)
+    else:
+        acc = tl.dot(xt, wt, acc)
+    return acc
 
 
 @triton.jit
 def _mm_h2_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
                   M, N, KX, n_groups, n_blocks, blocks_per_split, split, stride_xm, stride_wr, stride_g,
                   P: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_PLANES: tl.constexpr,
-                  EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PARTIAL: tl.constexpr,
+                  EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, SWAP: tl.constexpr, PARTIAL: tl.constexpr,
                   USE_PDL: tl.constexpr):
+    # SWAP ('mmt') computes out^T [BN, BM] = W [BN, K] @ x^T [K, BM]: the dequantized planes are the
+    # MMA's A operand, which Hopper's warpgroup MMA takes from registers, and BN >= 64 output columns
+    # fill its 64-row tiles however small the batch. Otherwise ('mmh') out [BM, BN] = x @ W^T.
     # EVEN_K: KX fills whole blocks of 8 * P columns; EVEN_N: N fills whole tiles of BN. Then no
     # load needs a mask: rows past M read row M - 1 again and are dropped at the store.
     pid = tl.program_id(0)
@@ -130,106 +138,53 @@ def _mm_h2_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_p = tl.arange(0, P)
+    rows = tl.minimum(offs_m, M - 1)
     mmask = offs_m < M
-    nmask = offs_n < N
-    acc = tl.zeros((BM, BN), tl.float32)
+    nmask = _along_n(offs_n < N, SWAP)
+    if SWAP:
+        acc = tl.zeros((BN, BM), tl.float32)
+        w_ptrs = w_ptr + offs_n[:, None] + offs_p[None, :] * stride_wr
+        x_ptrs = x_ptr + offs_p[:, None] + rows[None, :] * stride_xm
+    else:
+        acc = tl.zeros((BM, BN), tl.float32)
+        w_ptrs = w_ptr + offs_p[:, None] * stride_wr + offs_n[None, :]
+        x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_p[None, :]
     b_start = pid_s * blocks_per_split
     b_end = tl.minimum(b_start + blocks_per_split, n_blocks)
-    w_ptrs = w_ptr + offs_p[:, None] * stride_wr + offs_n[None, :]
-    x_ptrs = x_ptr + tl.minimum(offs_m, M - 1)[:, None] * stride_xm + offs_p[None, :]
     prefetch_blocks(w_ptr, b_start, n_blocks, pid_n * BN, N, stride_wr, P, BN, USE_PDL)
     pdl_begin(USE_PDL)
     for b in range(b_start, b_end):
-        w = _load_n(w_ptrs + b * P * stride_wr, nmask[None, :], EVEN_N)
+        w = _load_n(w_ptrs + b * P * stride_wr, nmask, EVEN_N)
         # the block's halves (planes 0-3 and 4-7) lie in groups g_lo and g_hi; padding planes past
         # the last group meet x = 0, so any group's finite scale serves them
         g_lo = tl.minimum((b * 8) // GROUP_PLANES, n_groups - 1)
-        s_lo = _load_n(s_ptr + g_lo * stride_g + offs_n, nmask, EVEN_N).to(tl.float32)
-        z_lo = (_load_n(z_ptr + g_lo * stride_g + offs_n, nmask, EVEN_N) + 1024.0).to(tl.float16)
+        s_lo = _load_n(_along_n(s_ptr + g_lo * stride_g + offs_n, SWAP), nmask, EVEN_N).to(tl.float32)
+        z_lo = (_load_n(_along_n(z_ptr + g_lo * stride_g + offs_n, SWAP), nmask, EVEN_N) + 1024.0).to(tl.float16)
         if GROUP_PLANES == 4:
             g_hi = tl.minimum(g_lo + 1, n_groups - 1)
-            s_hi = _load_n(s_ptr + g_hi * stride_g + offs_n, nmask, EVEN_N).to(tl.float32)
-            z_hi = (_load_n(z_ptr + g_hi * stride_g + offs_n, nmask, EVEN_N) + 1024.0).to(tl.float16)
+            s_hi = _load_n(_along_n(s_ptr + g_hi * stride_g + offs_n, SWAP), nmask, EVEN_N).to(tl.float32)
+            z_hi = (_load_n(_along_n(z_ptr + g_hi * stride_g + offs_n, SWAP), nmask, EVEN_N) + 1024.0).to(tl.float16)
         else:
-            z_hi = z_lo
-        w0, w1, w2, w3, w4, w5, w6, w7 = _planes(w, z_lo[None, :], z_hi[None, :])
+            s_hi, z_hi = s_lo, z_lo
+        w0, w1, w2, w3, w4, w5, w6, w7 = _planes(w, z_lo, z_hi)
         k0 = b * (8 * P)
-        part = tl.zeros((BM, BN), tl.float32)
-        part = _dot_plane(part, x_ptrs, k0, KX, w0, EVEN_K)
-        part = _dot_plane(part, x_ptrs, k0 + P, KX, w1, EVEN_K)
-        part = _dot_plane(part, x_ptrs, k0 + 2 * P, KX, w2, EVEN_K)
-        part = _dot_plane(part, x_ptrs, k0 + 3 * P, KX, w3, EVEN_K)
-        if GROUP_PLANES == 4:
-            acc += part * s_lo[None, :]
-            part = tl.zeros((BM, BN), tl.float32)
-        part = _dot_plane(part, x_ptrs, k0 + 4 * P, KX, w4, EVEN_K)
-        part = _dot_plane(part, x_ptrs, k0 + 5 * P, KX, w5, EVEN_K)
-        part = _dot_plane(part, x_ptrs, k0 + 6 * P, KX, w6, EVEN_K)
-        part = _dot_plane(part, x_ptrs, k0 + 7 * P, KX, w7, EVEN_K)
-        if GROUP_PLANES == 4:
-            acc += part * s_hi[None, :]
-        else:
-            acc += part * s_lo[None, :]
-    offs_o = offs_m[:, None] * N + offs_n[None, :]
-    omask = mmask[:, None] & nmask[None, :]
-    _finish(acc, out_ptr, ws_ptr, lock_ptr, pid, pid_s, split, offs_o, omask, M * N, PARTIAL)
-
-
-@triton.jit
-def _mm_h2t_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
-                   M, N, KX, n_groups, n_blocks, blocks_per_split, split, stride_xm, stride_wr, stride_g,
-                   P: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_PLANES: tl.constexpr,
-                   EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PARTIAL: tl.constexpr,
-                  USE_PDL: tl.constexpr):
-    # `_mm_h2_kernel` with the product swapped: out^T [BN, BM] = W [BN, K] @ x^T [K, BM]. The
-    # dequantized planes are the MMA's A operand, which Hopper's wgmma takes from registers, and
-    # BN >= 64 output columns fill its 64-row tiles however small the batch.
-    pid = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    grid_n = tl.cdiv(N, BN)
-    pid_m = pid // grid_n
-    pid_n = pid % grid_n
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_p = tl.arange(0, P)
-    mmask = offs_m < M
-    nmask = offs_n < N
-    acc = tl.zeros((BN, BM), tl.float32)
-    b_start = pid_s * blocks_per_split
-    b_end = tl.minimum(b_start + blocks_per_split, n_blocks)
-    w_ptrs = w_ptr + offs_n[:, None] + offs_p[None, :] * stride_wr
-    xt_ptrs = x_ptr + offs_p[:, None] + tl.minimum(offs_m, M - 1)[None, :] * stride_xm
-    prefetch_blocks(w_ptr, b_start, n_blocks, pid_n * BN, N, stride_wr, P, BN, USE_PDL)
-    pdl_begin(USE_PDL)
-    for b in range(b_start, b_end):
-        w = _load_n(w_ptrs + b * P * stride_wr, nmask[:, None], EVEN_N)
-        g_lo = tl.minimum((b * 8) // GROUP_PLANES, n_groups - 1)
-        s_lo = _load_n(s_ptr + g_lo * stride_g + offs_n, nmask, EVEN_N).to(tl.float32)
-        z_lo = (_load_n(z_ptr + g_lo * stride_g + offs_n, nmask, EVEN_N) + 1024.0).to(tl.float16)
-        if GROUP_PLANES == 4:
-            g_hi = tl.minimum(g_lo + 1, n_groups - 1)
-            s_hi = _load_n(s_ptr + g_hi * stride_g + offs_n, nmask, EVEN_N).to(tl.float32)
-            z_hi = (_load_n(z_ptr + g_hi * stride_g + offs_n, nmask, EVEN_N) + 1024.0).to(tl.float16)
-        else:
-            z_hi = z_lo
-        w0, w1, w2, w3, w4, w5, w6, w7 = _planes(w, z_lo[:, None], z_hi[:, None])
-        k0 = b * (8 * P)
-        part = tl.zeros((BN, BM), tl.float32)
-        part = _dot_plane_t(part, xt_ptrs, k0, KX, w0, EVEN_K)
-        part = _dot_plane_t(part, xt_ptrs, k0 + P, KX, w1, EVEN_K)
-        part = _dot_plane_t(part, xt_ptrs, k0 + 2 * P, KX, w2, EVEN_K)
-        part = _dot_plane_t(part, xt_ptrs, k0 + 3 * P, KX, w3, EVEN_K)
-        if GROUP_PLANES == 4:
-            acc += part * s_lo[:, None]
-            part = tl.zeros((BN, BM), tl.float32)
-        part = _dot_plane_t(part, xt_ptrs, k0 + 4 * P, KX, w4, EVEN_K)
-        part = _dot_plane_t(part, xt_ptrs, k0 + 5 * P, KX, w5, EVEN_K)
-        part = _dot_plane_t(part, xt_ptrs, k0 + 6 * P, KX, w6, EVEN_K)
-        part = _dot_plane_t(part, xt_ptrs, k0 + 7 * P, KX, w7, EVEN_K)
-        if GROUP_PLANES == 4:
-            acc += part * s_hi[:, None]
-        else:
-            acc += part * s_lo[:, None]
-    offs_o = offs_m[None, :] * N + offs_n[:, None]
-    omask = mmask[None, :] & nmask[:, None]
+        part = tl.zeros(acc.shape, tl.float32)
+        part = _dot_plane(part, x_ptrs, k0, KX, w0, EVEN_K, SWAP)
+        part = _dot_plane(part, x_ptrs, k0 + P, KX, w1, EVEN_K, SWAP)
+        part = _dot_plane(part, x_ptrs, k0 + 2 * P, KX, w2, EVEN_K, SWAP)
+        part = _dot_plane(part, x_ptrs, k0 + 3 * P, KX, w3, EVEN_K, SWAP)
+        if GROUP_PLANES == 4:  # the halves have their own scales
+            acc += part * s_lo
+            part = tl.zeros(acc.shape, tl.float32)
+        part = _dot_plane(part, x_ptrs, k0 + 4 * P, KX, w4, EVEN_K, SWAP)
+        part = _dot_plane(part, x_ptrs, k0 + 5 * P, KX, w5, EVEN_K, SWAP)
+        part = _dot_plane(part, x_ptrs, k0 + 6 * P, KX, w6, EVEN_K, SWAP)
+        part = _dot_plane(part, x_ptrs, k0 + 7 * P, KX, w7, EVEN_K, SWAP)
+        acc += part * s_hi
+    if SWAP:
+        offs_o = offs_m[None, :] * N + offs_n[:, None]
+        omask = mmask[None, :] & nmask
+    else:
+        offs_o = offs_m[:, None] * N + offs_n[None, :]
+        omask = mmask[:, None] & nmask
     _finish(acc, out_ptr, ws_ptr, lock_ptr, pid, pid_s, split, offs_o, omask, M * N, PARTIAL)
