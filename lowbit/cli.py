@@ -150,8 +150,83 @@ def eval_ppl(model: str = typer.Argument("default", help=MODEL_HELP),
         json_out.write_text(json.dumps(dict(res.to_dict(), model=model), indent=1) + "\n")
 
 
+@eval_app.command("tasks")
+def eval_tasks(model: str = typer.Argument("default", help=MODEL_HELP),
+               tasks: str = typer.Option("hellaswag,arc_challenge,piqa,boolq,mmlu", help="comma-separated task names"),
+               limit: Optional[int] = typer.Option(None, min=1, help="score only the first N items of each task "
+                                                   "(mmlu: N questions taken round-robin over its subjects)"),
+               num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", min=0,
+                                                         help="few-shot examples (default: mmlu 5, others 0)"),
+               batch_size: int = typer.Option(4, "--batch-size", min=1, help="sequences per forward pass"),
+               json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results as JSON here"),
+               dtype: str = typer.Option("auto", help="auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16"),
+               device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda if present)")):
+    """Multiple-choice accuracy (acc, acc_norm) by log-likelihood, scored as lm-evaluation-harness does."""
+    import json
+
+    from lowbit.eval.provenance import provenance
+    from lowbit.eval.tasks import evaluate_task, parse_tasks
+
+    names = parse_tasks(tasks)
+    m, tok, _ = _load(model, dtype, device)
+    results, files = [], {}
+    for name in names:
+        res = evaluate_task(m, tok, name, limit, num_fewshot, batch_size)
+        results.append(res.to_dict())
+        files.update(res.files)
+        typer.echo(f"{name:14s} {res.num_fewshot}-shot n={res.n:5d}  acc {res.acc:.4f} ± {res.acc_stderr:.4f}  "
+                   f"acc_norm {res.acc_norm:.4f} ± {res.acc_norm_stderr:.4f}  ({res.seconds:.1f}s)")
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        for r in results:
+            r.pop("files")  # listed once, in data_sha256
+        out = dict(model=model, tasks=results, **provenance(files, str(next(m.parameters()).device)))
+        json_out.write_text(json.dumps(out, indent=1) + "\n")
+
+
+@eval_app.command("kld")
+def eval_kld(model: str = typer.Argument(..., help=MODEL_HELP),
+             reference: str = typer.Option(..., "--reference", help="the reference model (usually the fp16 one), "
+                                           "or a file written by --save-logits"),
+             dataset: str = typer.Option("wikitext2", help="corpus name (ignored with a saved reference)"),
+             seqlen: int = typer.Option(2048, min=2, help="tokens per non-overlapping window (as eval ppl)"),
+             limit: Optional[int] = typer.Option(None, min=1, help="score only the first N windows"),
+             save_logits: Optional[Path] = typer.Option(None, "--save-logits",
+                                                        help="write the reference's top-k log-probs here"),
+             top_k: int = typer.Option(64, "--top-k", min=1, help="with --save-logits: tokens kept per position"),
+             json_out: Optional[Path] = typer.Option(None, "--json", help="also write the result as JSON here"),
+             dtype: str = typer.Option("auto", help="auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16"),
+             device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda if present)")):
+    """Per-token KL(reference || model) and top-1 agreement, as llama.cpp's --kl-divergence reports them."""
+    import json
+
+    from lowbit.eval.datasets import resolve
+    from lowbit.eval.kld import kl_divergence
+    from lowbit.eval.logit_store import is_saved_logits, load
+    from lowbit.eval.provenance import provenance
+
+    saved = load(reference) if is_saved_logits(reference) else None
+    if saved is not None and save_logits:
+        raise LowbitError("--save-logits needs a reference model, not a saved file")
+    m, tok, _ = _load(model, dtype, device)
+    ref = None if saved is not None else _load(reference, dtype, device)[0]
+    res = kl_divergence(m, tok, ref, saved, dataset, seqlen, limit, save_logits, top_k,
+                        meta={"reference": reference})
+    typer.echo(f"{res.dataset} KLD mean {res.kld_mean:.6f} ± {res.kld_stderr:.6f}  median {res.kld_median:.6f}  "
+               f"p90 {res.kld_p90:.6f}  p99 {res.kld_p99:.6f}  max {res.kld_max:.6f}  "
+               f"top-1 {100 * res.top1_agreement:.2f}% ± {100 * res.top1_stderr:.2f}%  ppl {res.ppl_model:.4f} "
+               f"(reference {res.ppl_reference:.4f})  {res.windows} windows, {res.tokens} tokens, {res.seconds:.1f}s")
+    if save_logits:
+        typer.echo(f"saved the reference's top-{top_k} log-probs to {save_logits}")
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        data = [reference] if saved is not None else [resolve(dataset, "eval").path]
+        out = dict(res.to_dict(), model=model, **provenance(data, str(next(m.parameters()).device)))
+        json_out.write_text(json.dumps(out, indent=1) + "\n")
+
+
 @app.command()
-def quantize(method: str = typer.Argument(..., help="rtn | awq | gptq"),
+def quantize(method: str = typer.Argument(..., help="rtn | awq | gptq | awq-gptq | smoothquant | w8a8 | fp8"),
              model: str = typer.Argument(..., help=MODEL_HELP),
              work_dir: Path = typer.Option(..., "--work-dir", help="directory to write the quantized checkpoint to"),
              w_bits: int = typer.Option(4, "--w-bits", help="2 | 3 | 4 | 8"),
@@ -162,18 +237,34 @@ def quantize(method: str = typer.Argument(..., help="rtn | awq | gptq"),
              calib_seqlen: int = typer.Option(2048, "--calib-seqlen", min=1),
              seed: int = typer.Option(0, "--seed", help="which calibration windows are drawn"),
              device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda if present)"),
-             act_order: bool = typer.Option(False, "--act-order", help="GPTQ: columns by descending Hessian diagonal"),
+             act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order",
+                                                      help="GPTQ: columns by descending Hessian diagonal (default: on "
+                                                           "for gptq and awq-gptq)"),
+             mse_range: bool = typer.Option(False, "--mse-range/--no-mse-range",
+                                            help="RTN/GPTQ: each group's range searched for the lowest rounding error"),
              static_groups: bool = typer.Option(True, "--static-groups/--no-static-groups",
                                                 help="with --act-order: keep natural groups (no g_idx)"),
              fmt: Optional[str] = typer.Option(None, "--format", help="awq | gptq (default: awq for rtn/awq, gptq for gptq)"),
-             overwrite: bool = typer.Option(False, help="replace --work-dir if it exists")):
-    """Quantize MODEL's linear weights with RTN, AWQ or GPTQ and write an AWQ or GPTQ checkpoint."""
+             overwrite: bool = typer.Option(False, help="replace --work-dir if it exists"),
+             alpha: Optional[str] = typer.Option(None, "--alpha", help="smoothquant: migration strength in [0, 1] "
+                                                 "(default 0.5), or auto (searched per layer)"),
+             act_scheme: Optional[str] = typer.Option(None, "--act-scheme", help="smoothquant/w8a8/fp8: dynamic "
+                                                      "(per token, default) | static (per tensor)")):
+    """Quantize MODEL's linear weights with RTN, AWQ, GPTQ or AWQ+GPTQ and write an AWQ or GPTQ checkpoint;
+    smoothquant | w8a8 | fp8 quantize weights and activations to 8 bits (a compressed-tensors checkpoint)."""
     from lowbit.quant.api import quantize as do_quantize
 
+    w8a8 = {k: v for k, v in {"alpha": alpha, "act_scheme": act_scheme}.items() if v is not None}
+    if method in ("smoothquant", "w8a8", "fp8"):
+        res = do_quantize(model, method, work_dir, calib_dataset=calib_dataset, calib_samples=calib_samples,
+                          calib_seqlen=calib_seqlen, seed=seed, device=device, act_order=act_order, fmt=fmt,
+                          overwrite=overwrite, log=lambda line: typer.echo(line, err=True), **w8a8)
+        typer.echo(f"wrote {res.out_dir} ({method}: {res.options['scheme']}) in {res.seconds:.1f}s")
+        return
     res = do_quantize(model, method, work_dir, w_bits=w_bits, group_size=group_size, zero_point=zero_point,
                       calib_dataset=calib_dataset, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
-                      seed=seed, device=device, act_order=act_order, static_groups=static_groups, fmt=fmt,
-                      overwrite=overwrite, log=lambda line: typer.echo(line, err=True))
+                      seed=seed, device=device, act_order=act_order, static_groups=static_groups, fmt=fmt, mse=mse_range,
+                      overwrite=overwrite, log=lambda line: typer.echo(line, err=True), **w8a8)
     typer.echo(f"wrote {res.out_dir} ({method} w{w_bits} g{group_size}) in {res.seconds:.1f}s")
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from lowbit.errors import LowbitError
 from lowbit.layers.linear import make_method
-from lowbit.formats import awq_format, gptq_format
+from lowbit.formats import awq_format, compressed_tensors, gptq_format
 
 import lowbit.layers.quantized_linear  # noqa: F401  (registers the awq and gptq methods)
+import lowbit.layers.w8a8_linear  # noqa: F401  (registers the compressed-tensors w8a8 / fp8 method)
 
 
 def _get(quant: dict, *keys, default=None):
@@ -57,9 +58,17 @@ def method_for_checkpoint(quant: dict | None, source: str = ""):
         return lambda _name, _i, _o: None
     kind = str(quant.get("quant_method", "")).lower()
     where = f"{source}: quantization_config" if source else "quantization_config"
+    if kind == compressed_tensors.QUANT_METHOD:  # a scheme per config group, chosen by layer name
+        scheme_for = compressed_tensors.method_options(quant, where)
+
+        def ct_method_for(name: str, _in: int, _out: int):
+            scheme = scheme_for(name)
+            return None if scheme is None else make_method("w8a8", scheme=scheme, prefix=name)
+
+        return ct_method_for
     if kind not in _OPTIONS:
         raise LowbitError(f"{where}.quant_method {quant.get('quant_method')!r} is not supported "
-                          f"(lowbit reads {', '.join(_OPTIONS)})")
+                          f"(lowbit reads {', '.join(_OPTIONS)}, {compressed_tensors.QUANT_METHOD})")
     options = _OPTIONS[kind](quant, where)
     # AutoAWQ and transformers skip a module when any entry is a substring of its name
     skip = quant.get("modules_to_not_convert") or []

@@ -17,6 +17,10 @@ TORCH_PACKED = cpu_weights.PATHS["cache"]  # the CPU's default path for AWQ / GP
 TORCH_ATTENTION = {"kv_write": "torch index_copy_", "attention_decode": "torch sdpa (padded batch)",
                    "attention_prefill": "torch sdpa (per sequence)"}
 W4A16 = "triton w4a16_matmul"
+# compressed-tensors W8A8 layers (layers/w8a8_linear.py): a PyTorch reference everywhere until the
+# Triton int8 / fp8 GEMMs land
+TORCH_W8A8 = {"w8a8": "torch int8 reference (exact int32 accumulation)",
+              "fp8": "torch fp8 e4m3 reference (fp32 accumulation)"}
 # norm.py, rotary.py and activation.py choose by device alone: Triton on CUDA, these elsewhere
 TORCH_BY_DEVICE = {"rmsnorm": "torch RMSNorm (fp32)", "rotary": "torch rotate_half",
                    "silu_and_mul": "torch F.silu * up"}
@@ -51,6 +55,8 @@ def by_device(device: torch.device) -> dict[str, str]:
 def _linear(method: LinearMethod) -> str:
     if method.name == "dense":
         return TORCH_DENSE
+    if method.name in TORCH_W8A8:
+        return TORCH_W8A8[method.name]
     # a packed format holds the W4A16 kernel's weight once after_load found the kernel (CUDA only)
     return W4A16 if getattr(method, "_kernel_weight", None) else TORCH_PACKED
 
@@ -76,8 +82,9 @@ def planned_kernels(fmt: str, bits: int | None, device: torch.device) -> dict:
     without loading it (`lowbit info`). On CUDA the kernels are imported, and one that fails
     says so with its cause."""
     packed = fmt in ("awq", "gptq")
+    w8a8 = {fmt: TORCH_W8A8[fmt]} if fmt in TORCH_W8A8 else {}  # compressed-tensors int8 / fp8 layers
     if device.type != "cuda":
-        linear = {fmt: TORCH_PACKED} if packed else {}
+        linear = {fmt: TORCH_PACKED} if packed else w8a8
         return {"linear": {**linear, "dense": TORCH_DENSE}, **TORCH_BY_DEVICE, **attention_kernels(AttentionKernels())}
     try:
         elementwise = by_device(device)
@@ -87,7 +94,7 @@ def planned_kernels(fmt: str, bits: int | None, device: torch.device) -> dict:
         attention = attention_kernels(load_attention_kernels())
     except LowbitError as e:
         attention = dict.fromkeys(TORCH_ATTENTION, f"error: {e}")
-    linear = {}
+    linear = dict(w8a8)
     if packed:
         try:
             from lowbit.kernels import w4a16

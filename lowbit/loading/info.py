@@ -36,6 +36,7 @@ class ModelInfo:
     desc_act: bool | None = None  # gptq
     sym: bool | None = None  # gptq
     checkpoint_format: str | None = None  # gptq
+    scheme: str | None = None  # compressed-tensors: what its config groups hold (int8 / fp8 W8A8)
     quantized_by: dict = field(default_factory=dict)  # the options lowbit quantize ran with, if it wrote it
     device: str = "cpu"  # where it would run: the GPU when there is one
     kernels: dict = field(default_factory=dict)  # role -> implementation there (kernel_report.planned_kernels)
@@ -79,7 +80,7 @@ def model_info(path: str | Path, device: str | torch.device | None = None) -> Mo
                      hidden_size=cfg.hidden_size, params=params, format=kind, tensor_dtypes=dict(dtypes),
                      disk_bytes=disk, weight_bytes=weights, bytes_per_param=weights / params,
                      linears=cfg.num_hidden_layers * len(LINEAR_SUFFIXES),
-                     quantized_linears=sum(1 for n in ckpt.names() if n.endswith(".qweight")))
+                     quantized_linears=sum(1 for n in ckpt.names() if n.endswith((".qweight", ".weight_scale"))))
     if quant:
         info.bits = quant.get("bits", quant.get("w_bit"))
         info.group_size = quant.get("group_size", quant.get("q_group_size"))
@@ -91,8 +92,15 @@ def model_info(path: str | Path, device: str | torch.device | None = None) -> Mo
             info.desc_act = bool(quant.get("desc_act", False))
             info.sym = bool(quant.get("sym", True))
             info.checkpoint_format = str(quant.get("checkpoint_format", quant.get("format", "gptq"))).lower()
+        elif kind == "compressed-tensors":
+            from lowbit.formats.compressed_tensors import method_options
+
+            scheme = method_options(quant, f"{path}: quantization_config")("model.layers.0.self_attn.q_proj")
+            info.scheme = scheme.describe() if scheme else None
+            info.bits = 8 if scheme else None
     info.device = str(device)
-    info.kernels = planned_kernels(kind, info.bits, device)
+    layer_format = kind if kind != "compressed-tensors" else ("fp8" if info.scheme and "fp8" in info.scheme else "w8a8")
+    info.kernels = planned_kernels(layer_format, info.bits, device)
     return info
 
 
@@ -109,6 +117,11 @@ def format_info(info: ModelInfo) -> str:
         detail = {"awq": f"version={info.version} zero_point={info.zero_point}",
                   "gptq": f"checkpoint_format={info.checkpoint_format} desc_act={info.desc_act} sym={info.sym}"}
         rows.append(("format", f"{info.format} {info.bits}-bit, group size {info.group_size}, {detail[info.format]}"))
+        rows.append(("quantized", f"{info.quantized_linears} of {info.linears} decoder linears"))
+        if info.quantized_by:
+            rows.append(("quantized by", " ".join(f"{k}={v}" for k, v in info.quantized_by.items() if v is not None)))
+    elif info.format == "compressed-tensors":
+        rows.append(("format", f"{info.format}: {info.scheme}"))
         rows.append(("quantized", f"{info.quantized_linears} of {info.linears} decoder linears"))
         if info.quantized_by:
             rows.append(("quantized by", " ".join(f"{k}={v}" for k, v in info.quantized_by.items() if v is not None)))

@@ -19,8 +19,10 @@ from lowbit.quant.driver import LINEAR_NAMES, quantize_model_layers
 from lowbit.quant.qweight import QuantizedWeight
 from lowbit.quant.rtn import check_bits, check_group_size
 
-METHODS = ("rtn", "awq", "gptq")
-DEFAULT_FORMAT = {"rtn": "awq", "awq": "awq", "gptq": "gptq"}
+METHODS = ("rtn", "awq", "gptq", "awq-gptq")
+DEFAULT_FORMAT = {"rtn": "awq", "awq": "awq", "gptq": "gptq", "awq-gptq": "gptq"}
+GPTQ_METHODS = ("gptq", "awq-gptq")  # the methods that round with GPTQ (and so take --act-order)
+DEFAULT_ACT_ORDER = True  # measured on the default model, see README "Weight quantization"
 # bit widths each on-disk layout holds: AutoAWQ's GEMM layout packs 4-bit codes only; the GPTQ
 # layout (AutoGPTQ / GPTQModel) packs 2, 3, 4 and 8.
 FORMAT_BITS = {"awq": (4,), "gptq": (2, 3, 4, 8)}
@@ -46,7 +48,7 @@ def check_options(method: str, w_bits: int, fmt: str, act_order: bool, static_gr
     if w_bits not in FORMAT_BITS[fmt]:
         raise LowbitError(f"--format {fmt} stores {', '.join(map(str, FORMAT_BITS[fmt]))}-bit codes, not "
                           f"--w-bits {w_bits}; use --format gptq for {w_bits}-bit {method}")
-    if act_order and method != "gptq":
+    if act_order and method not in GPTQ_METHODS:
         raise LowbitError(f"--act-order is a GPTQ option; {method} does not use it")
     if act_order and not static_groups and fmt == "awq":
         raise LowbitError("--act-order without static groups needs g_idx, which the awq format cannot store; "
@@ -59,33 +61,50 @@ def linear_in_features(model) -> dict[str, int]:
 
 
 def make_method(method: str, w_bits: int, group_size: int, symmetric: bool, act_order: bool, static_groups: bool,
-                awq_clip: bool = True):
+                awq_clip: bool = True, mse: bool = False):
     if method == "rtn":
         from lowbit.quant.rtn import RTNMethod
 
-        return RTNMethod(w_bits, group_size, symmetric)
+        return RTNMethod(w_bits, group_size, symmetric, mse=mse)
     if method == "awq":
         from lowbit.quant.awq import AWQMethod
 
         return AWQMethod(w_bits, group_size, symmetric, clip=awq_clip)
+    if method == "awq-gptq":
+        from lowbit.quant.awq_gptq import AWQGPTQMethod
+
+        return AWQGPTQMethod(w_bits, group_size, symmetric, act_order=act_order, static_groups=static_groups, mse=mse)
     from lowbit.quant.gptq import GPTQMethod
 
-    return GPTQMethod(w_bits, group_size, symmetric, act_order=act_order, static_groups=static_groups)
+    return GPTQMethod(w_bits, group_size, symmetric, act_order=act_order, static_groups=static_groups, mse=mse)
 
 
 def quantize(model: str | Path | torch.nn.Module = "default", method: str = "awq", work_dir: str | Path | None = None, *,
              w_bits: int = 4, group_size: int = DEFAULT_GROUP_SIZE, zero_point: bool = True,
              calib_dataset: str = DEFAULT_DATASET, calib_samples: int = DEFAULT_SAMPLES,
              calib_seqlen: int = DEFAULT_SEQLEN, seed: int = 0, device: str | None = None,
-             act_order: bool = False, static_groups: bool = True, fmt: str | None = None,
+             act_order: bool | None = None, static_groups: bool = True, fmt: str | None = None, mse: bool = False,
              dtype: str = "fp32", overwrite: bool = False, awq_clip: bool = True, tokenizer=None,
-             log: Callable[[str], None] | None = print) -> QuantizeResult:
-    """Quantize MODEL's decoder linears with rtn | awq | gptq and, with `work_dir`, write an AWQ- or
-    GPTQ-format checkpoint there. Returns the fake-quantized model and the codes of every linear."""
+             log: Callable[[str], None] | None = print, **w8a8_options) -> QuantizeResult:
+    """Quantize MODEL's decoder linears with rtn | awq | gptq | awq-gptq and, with `work_dir`, write an
+    AWQ- or GPTQ-format checkpoint there. Returns the fake-quantized model and the codes of every linear.
+    act_order None: on for the GPTQ methods (DEFAULT_ACT_ORDER). mse: RTN and GPTQ search each
+    group's range (rtn.group_scale_zero; off by default until a perplexity comparison decides);
+    AWQ has its own activation-aware clip search instead."""
+    if method in ("smoothquant", "w8a8", "fp8"):  # 8-bit weights and activations: quant/w8a8_api.py
+        from lowbit.quant.w8a8_api import quantize_w8a8
+
+        return quantize_w8a8(model, method, work_dir, calib_dataset=calib_dataset, calib_samples=calib_samples,
+                             calib_seqlen=calib_seqlen, seed=seed, device=device, dtype=dtype, overwrite=overwrite,
+                             tokenizer=tokenizer, log=log, act_order=act_order, fmt=fmt, **w8a8_options)
+    if w8a8_options:
+        raise LowbitError(f"{method}: {', '.join(w8a8_options)} apply to smoothquant / w8a8 / fp8 only")
     from lowbit.loading.loader import build_model, default_device, open_checkpoint, parse_dtype
     from lowbit.models.default import resolve_model
 
     fmt = fmt or DEFAULT_FORMAT.get(method, "awq")
+    if act_order is None:
+        act_order = DEFAULT_ACT_ORDER and method in GPTQ_METHODS
     check_options(method, w_bits, fmt, act_order, static_groups)
     if work_dir is not None:
         import importlib.util
@@ -117,7 +136,7 @@ def quantize(model: str | Path | torch.nn.Module = "default", method: str = "awq
         raise LowbitError(f"{already[0]}: already quantized ({net.get_submodule(already[0]).method.name}); "
                           f"quantize the original full-precision model")
     check_group_size(linear_in_features(net), group_size)
-    layer_method = make_method(method, w_bits, group_size, not zero_point, act_order, static_groups, awq_clip)
+    layer_method = make_method(method, w_bits, group_size, not zero_point, act_order, static_groups, awq_clip, mse)
     calib = None
     if layer_method.needs_calibration:
         calib = calibration_set(tokenizer, calib_dataset, calib_samples, calib_seqlen, seed)
@@ -128,6 +147,7 @@ def quantize(model: str | Path | torch.nn.Module = "default", method: str = "awq
     seconds = time.time() - t0
     options = {"method": method, "w_bits": w_bits, "group_size": group_size, "zero_point": zero_point,
                "act_order": act_order, "static_groups": static_groups if act_order else None,
+               "mse_range": mse if method != "awq" else None,
                "calib_dataset": calib_dataset if calib is not None else None,
                "calib_samples": calib_samples if calib is not None else None,
                "calib_seqlen": calib_seqlen if calib is not None else None, "seed": seed}

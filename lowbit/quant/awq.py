@@ -137,35 +137,13 @@ class AWQMethod:
     clip: bool = True
     n_grid: int = N_GRID
     duo: bool = True  # AutoAWQ's default; w4g64 on the default model: ppl 26.16 -> 25.99
+    next_inputs_fp: bool = False
     needs_calibration: bool = True
 
     def quantize_layer(self, layer: nn.Module, inputs: LayerInputs, prefix: str) -> dict[str, QuantizedWeight]:
-        attn, mlp = layer.self_attn, layer.mlp
-        feats: dict[str, list[torch.Tensor]] = {n: [] for n in ("q_proj", "o_proj", "gate_proj", "down_proj")}
-        names = {"self_attn.q_proj": "q_proj", "self_attn.o_proj": "o_proj", "mlp.gate_proj": "gate_proj",
-                 "mlp.down_proj": "down_proj"}
-        inputs.capture(layer, names, lambda n, x: feats[names[n]].append(x.clone()))
-        cos, sin = inputs.cos, inputs.sin
-        # (producer, consumers, block whose output error is measured, captured input) as in llm-awq
-        groups = [(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj],
-                   lambda x: attn(x, cos, sin, None, layer.idx), "q_proj")]
-        # v -> o only when v's outputs map one to one onto o's inputs; with grouped-query attention
-        # (fewer KV heads) one v channel feeds several o columns, so llm-awq skips it, and so do we
-        if attn.v_proj.weight.shape == attn.o_proj.weight.shape:
-            groups.append((attn.v_proj, [attn.o_proj], attn.o_proj, "o_proj"))
-        groups.append((layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj], mlp, "gate_proj"))
-        groups.append((mlp.up_proj, [mlp.down_proj], mlp.down_proj, "down_proj"))
-        for prev, linears, block, feat in groups:
-            scales, _ = search_scales(block, feats[feat], linears, self.bits, self.group_size, self.symmetric,
-                                      self.n_grid, self.duo)
-            fold_scales(prev, linears, scales)
-            s = scales.to(feats[feat][0].dtype)
-            feats[feat] = [x / s for x in feats[feat]]  # the consumers now see x / s
-        inputs_of = {"self_attn.q_proj": "q_proj", "self_attn.k_proj": "q_proj", "self_attn.v_proj": "q_proj",
-                     "self_attn.o_proj": "o_proj", "mlp.gate_proj": "gate_proj", "mlp.up_proj": "gate_proj",
-                     "mlp.down_proj": "down_proj"}
+        feats = scale_layer(layer, inputs, self.bits, self.group_size, self.symmetric, self.n_grid, self.duo)
         out = {}
-        for name, feat in inputs_of.items():
+        for name, feat in INPUTS_OF.items():
             linear = layer.get_submodule(name)
             # q/k are not clipped: their error is judged through the softmax, not a linear output (llm-awq)
             if self.clip and name not in ("self_attn.q_proj", "self_attn.k_proj"):
@@ -175,3 +153,36 @@ class AWQMethod:
             set_weight(linear, qw)
             out[name] = qw
         return out
+
+
+# which captured input (by its first consumer) each linear reads
+INPUTS_OF = {"self_attn.q_proj": "q_proj", "self_attn.k_proj": "q_proj", "self_attn.v_proj": "q_proj",
+             "self_attn.o_proj": "o_proj", "mlp.gate_proj": "gate_proj", "mlp.up_proj": "gate_proj",
+             "mlp.down_proj": "down_proj"}
+
+
+def scale_layer(layer: nn.Module, inputs: LayerInputs, bits: int, group_size: int, symmetric: bool,
+                n_grid: int = N_GRID, duo: bool = True) -> dict[str, list[torch.Tensor]]:
+    """Search and fold AWQ's scales for every (producer, consumers) pair of one decoder layer, in
+    place (exact in full precision); returns the consumers' captured inputs, divided by the scales."""
+    attn, mlp = layer.self_attn, layer.mlp
+    feats: dict[str, list[torch.Tensor]] = {n: [] for n in ("q_proj", "o_proj", "gate_proj", "down_proj")}
+    names = {"self_attn.q_proj": "q_proj", "self_attn.o_proj": "o_proj", "mlp.gate_proj": "gate_proj",
+             "mlp.down_proj": "down_proj"}
+    inputs.capture(layer, names, lambda n, x: feats[names[n]].append(x.clone()))
+    cos, sin = inputs.cos, inputs.sin
+    # (producer, consumers, block whose output error is measured, captured input) as in llm-awq
+    groups = [(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj],
+               lambda x: attn(x, cos, sin, None, layer.idx), "q_proj")]
+    # v -> o only when v's outputs map one to one onto o's inputs; with grouped-query attention
+    # (fewer KV heads) one v channel feeds several o columns, so llm-awq skips it, and so do we
+    if attn.v_proj.weight.shape == attn.o_proj.weight.shape:
+        groups.append((attn.v_proj, [attn.o_proj], attn.o_proj, "o_proj"))
+    groups.append((layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj], mlp, "gate_proj"))
+    groups.append((mlp.up_proj, [mlp.down_proj], mlp.down_proj, "down_proj"))
+    for prev, linears, block, feat in groups:
+        scales, _ = search_scales(block, feats[feat], linears, bits, group_size, symmetric, n_grid, duo)
+        fold_scales(prev, linears, scales)
+        s = scales.to(feats[feat][0].dtype)
+        feats[feat] = [x / s for x in feats[feat]]  # the consumers now see x / s
+    return feats

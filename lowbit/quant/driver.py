@@ -126,7 +126,9 @@ def quantize_model_layers(model, method: LayerMethod, calib_ids: torch.Tensor | 
             err = relative_error(out_q, out_fp, inputs.hidden)
             errors.append(err)
             msg += f"  err={err:.3e} (mean {sum(errors) / len(errors):.3e})"
-            inputs = LayerInputs(out_q, inputs.cos, inputs.sin)
+            next_hidden = out_fp if getattr(method, "next_inputs_fp", False) else out_q
+            inputs = LayerInputs(next_hidden, inputs.cos, inputs.sin)
+            del out_q
         del out_fp
         layer.to(home)
         if log:

@@ -71,20 +71,21 @@ def checkpoint_tensors(net, qweights: dict[str, QuantizedWeight], fmt: str) -> I
         yield name, t.detach().to("cpu", torch.float16)
 
 
-def save_quantized(work_dir: str | Path, net, qweights: dict[str, QuantizedWeight], fmt: str, tokenizer, *,
-                   overwrite: bool = False, extra_config: dict | None = None) -> Path:
-    """Write `net` (dense, with the dequantized weights) with its linears packed from `qweights` into
-    work_dir in the awq or gptq layout; returns work_dir. extra_config is merged into
-    `quantization_config` (quantize passes {"lowbit": the options it ran with})."""
-    out = Path(work_dir)
+def check_quantized_names(net, qweights: dict) -> list[str]:
+    """The decoder linears left dense, by full name (which the readers match as a substring); refuses
+    quantized names the model does not have."""
     state = net.state_dict()
     missing = [n for n in qweights if f"{n}.weight" not in state]
     if missing:
         raise LowbitError(f"{missing[0]}: quantized, but the model has no such linear layer")
-    # decoder linears left dense: listed by full name, which the readers match as a substring
-    dense = [f"model.layers.{i}.{n}" for i in range(len(net.layers)) for n in LINEAR_NAMES
-             if f"model.layers.{i}.{n}" not in qweights]
-    qconfig = {**quantization_config(fmt, qweights, dense), **(extra_config or {})}
+    return [f"model.layers.{i}.{n}" for i in range(len(net.layers)) for n in LINEAR_NAMES
+            if f"model.layers.{i}.{n}" not in qweights]
+
+
+def write_checkpoint(out: Path, net, tokenizer, tensors: Iterator[tuple[str, torch.Tensor]], qconfig: dict,
+                     overwrite: bool) -> Path:
+    """An HF directory: config.json with `quantization_config`, generation_config.json, the tokenizer
+    and model.safetensors from `tensors`, built in a hidden sibling and renamed at the end."""
     cfg = net.config
     hf = cfg.to_hf()
     if cfg.family == "internlm2":  # our loader already split wqkv: write it as the Llama it now is
@@ -94,10 +95,20 @@ def save_quantized(work_dir: str | Path, net, qweights: dict[str, QuantizedWeigh
            "eos_token_id": cfg.eos_token_id if cfg.eos_token_id is not None else tokenizer.eos_token_id}
     try:
         with atomic_output_dir(out, overwrite) as tmp:
-            write_tensors(tmp, checkpoint_tensors(net, qweights, fmt), metadata={"quant_method": fmt})
+            write_tensors(tmp, tensors, metadata={"quant_method": qconfig["quant_method"]})
             write_json(tmp / "config.json", hf)
             write_json(tmp / "generation_config.json", gen)
             tokenizer.save(tmp)
     except OSError as e:  # atomic_output_dir turns ENOSPC into a LowbitError; anything else lands here
         raise LowbitError(f"{out}: could not write the checkpoint ({e.strerror or e}); nothing was left behind") from None
     return out
+
+
+def save_quantized(work_dir: str | Path, net, qweights: dict[str, QuantizedWeight], fmt: str, tokenizer, *,
+                   overwrite: bool = False, extra_config: dict | None = None) -> Path:
+    """Write `net` (dense, with the dequantized weights) with its linears packed from `qweights` into
+    work_dir in the awq or gptq layout; returns work_dir. extra_config is merged into
+    `quantization_config` (quantize passes {"lowbit": the options it ran with})."""
+    dense = check_quantized_names(net, qweights)
+    qconfig = {**quantization_config(fmt, qweights, dense), **(extra_config or {})}
+    return write_checkpoint(Path(work_dir), net, tokenizer, checkpoint_tensors(net, qweights, fmt), qconfig, overwrite)

@@ -13,7 +13,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.quant.driver import SEQUENTIAL_GROUPS, LayerInputs, set_weight
 from lowbit.quant.qweight import QuantizedWeight
-from lowbit.quant.rtn import check_bits, codes_for, group_size_of, scale_zero
+from lowbit.quant.rtn import check_bits, codes_for, group_scale_zero, group_size_of
 
 BLOCK_COLUMNS = 128  # paper section "Lazy Batch-Updates": B = 128 columns per block
 
@@ -37,8 +37,8 @@ class HessianAccumulator:
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size: int = 128,
                   symmetric: bool = False, act_order: bool = False, static_groups: bool = False,
-                  damp_percent: float = 0.01, block_columns: int = BLOCK_COLUMNS, name: str = "weight"
-                  ) -> QuantizedWeight:
+                  damp_percent: float = 0.01, block_columns: int = BLOCK_COLUMNS, mse: bool = False,
+                  name: str = "weight") -> QuantizedWeight:
     """weight [out, in], hessian [in, in] -> QuantizedWeight.
 
     act_order: quantize columns by descending diag(H) (the "desc_act" heuristic of the GPTQ
@@ -46,6 +46,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, gr
     left to absorb their error. With static_groups each group's scale/zero is computed from the
     original weights before the permutation, so groups stay the natural `column // group_size` and
     g_idx is not needed; without it the groups follow the permuted order and g_idx records them.
+    Without act_order, static_groups changes nothing: each group's scale/zero is computed when its
+    first column is reached, from the weights as the earlier columns' error updates left them.
+    mse: each group's range is the shrunk one with the lowest rounding error (rtn.group_scale_zero).
     """
     check_bits(bits)
     out_f, in_f = weight.shape
@@ -67,10 +70,14 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, gr
     n_groups = in_f // gs
     scales = torch.zeros(out_f, n_groups, device=w.device)
     zeros = torch.zeros(out_f, n_groups, dtype=torch.int32, device=w.device)
+    # Static groups (act-order only) take their parameters from the weights before any update. Without
+    # act-order that would be wrong: the error updates move later columns outside the range measured
+    # on the original weights, and those weights are then clamped (this was lowbit's default until
+    # issue 11, and it made GPTQ without act-order worse than RTN).
+    static_groups = static_groups and act_order
     if static_groups or gs == in_f:
         for g in range(n_groups):
-            wg = w[:, g * gs:(g + 1) * gs]
-            scales[:, g], zeros[:, g] = scale_zero(wg.amin(1), wg.amax(1), bits, symmetric)
+            scales[:, g], zeros[:, g] = group_scale_zero(w[:, g * gs:(g + 1) * gs], bits, symmetric, mse)
 
     perm = torch.arange(in_f, device=w.device)
     if act_order:
@@ -99,8 +106,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, gr
             col = b0 + j
             if not static_groups and gs < in_f and col % gs == 0:
                 # dynamic groups: params from the group's columns as they are now (error-updated)
-                wg = w_blk[:, j:j + gs]
-                scales[:, col // gs], zeros[:, col // gs] = scale_zero(wg.amin(1), wg.amax(1), bits, symmetric)
+                scales[:, col // gs], zeros[:, col // gs] = group_scale_zero(w_blk[:, j:j + gs], bits, symmetric, mse)
             g = group_of_pos[col]
             scale, zero = scales[:, g], zeros[:, g]
             q = codes_for(w_blk[:, j], scale, zero, bits)
@@ -133,6 +139,7 @@ class GPTQMethod:
     act_order: bool = False
     static_groups: bool = False
     damp_percent: float = 0.01
+    mse: bool = False
     needs_calibration: bool = True
 
     def quantize_layer(self, layer: nn.Module, inputs: LayerInputs, prefix: str) -> dict[str, QuantizedWeight]:
@@ -144,7 +151,7 @@ class GPTQMethod:
             for n in group:
                 linear = layer.get_submodule(n)
                 qw = gptq_quantize(linear.weight.data, acc[n].h_in_in, self.bits, self.group_size, self.symmetric,
-                                   self.act_order, self.static_groups, self.damp_percent, name=f"{prefix}.{n}")
+                                   self.act_order, self.static_groups, self.damp_percent, mse=self.mse, name=f"{prefix}.{n}")
                 set_weight(linear, qw)
                 out[n] = qw
         return out

@@ -1,0 +1,86 @@
+"""`lowbit eval tasks`: the harness's prompt formats on real rows, and our batched log-likelihoods
+against transformers' model computing the same continuations directly."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import run_cli
+from lowbit.eval.task_data import load_task
+from lowbit.eval.task_formats import build_items, interleave_subjects
+from lowbit.eval.tasks import mean_stderr, score_items
+
+ARC_SHA256 = "a03a11a8fee86f6d0607f426e7b3b7a9180a4894170e934da75596e93c4b51f1"  # shared/data/README.md
+
+
+def test_prompt_formats_are_the_harness_formats():
+    hs = build_items("hellaswag", load_task("hellaswag").rows[:1], None, None)[0]
+    # ctx "A man is sitting on a roof. he": ctx_a + " " + ctx_b.capitalize()
+    assert hs.context == "Roof shingle removal: A man is sitting on a roof. He"
+    assert hs.choices[3] == "starts pulling up roofing on a roof." and hs.gold == 3
+    arc = build_items("arc_challenge", load_task("arc_challenge").rows[:1], None, None)[0]
+    assert arc.context.startswith("Question: An astronomer observes") and arc.context.endswith("?\nAnswer:")
+    assert arc.choices[0] == "Planetary density will decrease."
+    bq = build_items("boolq", load_task("boolq").rows[:1], None, None)[0]
+    assert bq.context.endswith("\nQuestion: does ethanol take more energy make that produces?\nAnswer:")
+    assert bq.choices == ["no", "yes"]
+    mmlu = load_task("mmlu")
+    item = build_items("mmlu", interleave_subjects(mmlu.rows)[:1], mmlu.fewshot, 2)[0]
+    head = "The following are multiple choice questions (with answers) about abstract algebra.\n\n"
+    first_dev = mmlu.fewshot["abstract_algebra"][0]
+    assert item.context.startswith(head + first_dev["question"].strip() + "\nA. 0\nB. 1\nC. 2\nD. 3\nAnswer: B\n\n")
+    assert item.context.count("\nAnswer:") == 3 and item.context.endswith("\nD. " + mmlu.rows[0]["choices"][3]
+                                                                             + "\nAnswer:")
+    assert item.choices == ["A", "B", "C", "D"]
+    assert [r["subject"] for r in interleave_subjects(mmlu.rows)[:2]] == ["abstract_algebra", "anatomy"]
+    assert mean_stderr([1.0, 0.0, 1.0, 0.0]) == pytest.approx((0.5, math.sqrt(1 / 3 / 4)))
+
+
+def _hf_loglik(hf, tok, context: str, continuation: str) -> float:
+    # the harness's rule, written out again: continuation tokens = tokens of the whole past the context's
+    ctx = tok.encode(context, add_special_tokens=False)
+    cont = tok.encode(context + continuation, add_special_tokens=False)[len(ctx):]
+    ids = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(ids[:, :-1]).logits[0].double(), -1)
+    return float(logp[-len(cont):].gather(1, torch.tensor(cont)[:, None]).sum())
+
+
+def test_task_logliks_match_transformers(smol, hf_smol):
+    model, tok, _ = smol
+    items = build_items("hellaswag", load_task("hellaswag").rows[:2], None, None)
+    items += build_items("arc_challenge", load_task("arc_challenge").rows[:2], None, None)
+    bq = load_task("boolq").rows
+    items += build_items("boolq", [min(bq[:50], key=lambda r: len(r["passage"]))], None, None)
+    mmlu = load_task("mmlu")
+    items += build_items("mmlu", mmlu.rows[:1], mmlu.fewshot, 1)
+    ours = score_items(model, tok, items, batch_size=3)  # batches mix lengths: right padding is exercised
+    for it, lls in zip(items, ours):
+        direct = [_hf_loglik(hf_smol, tok, it.context, " " + c) for c in it.choices]
+        assert lls == pytest.approx(direct, abs=2e-3), (it.context[-60:], lls, direct)
+        assert all(-200 < x < 0 for x in lls)
+        # the prediction is the argmax of each; real differences between choices, not ties
+        assert max(lls) - min(lls) > 1e-3
+
+
+def test_eval_tasks_cli_writes_json(tmp_path):
+    out = tmp_path / "tasks.json"
+    r = run_cli("eval", "tasks", "default", "--tasks", "arc_challenge", "--limit", "3", "--batch-size", "2",
+                "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    (arc,) = res["tasks"]
+    assert arc["task"] == "arc_challenge" and arc["n"] == 3 and arc["total"] == 1172 and arc["num_fewshot"] == 0
+    assert 0 <= arc["acc"] <= 1 and 0 <= arc["acc_norm"] <= 1 and arc["acc_stderr"] >= 0
+    assert res["command"].startswith("lowbit eval tasks default --tasks arc_challenge")
+    assert list(res["data_sha256"].values()) == [ARC_SHA256]
+    assert res["versions"]["torch"] == torch.__version__
+    assert "arc_challenge" in r.stdout and "acc_norm" in r.stdout
+
+
+def test_unknown_task_is_one_line():
+    r = run_cli("eval", "tasks", "default", "--tasks", "no_such_task")
+    assert r.returncode == 2 and "no_such_task" in r.stderr and "Traceback" not in r.stderr
