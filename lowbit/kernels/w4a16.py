@@ -25,11 +25,11 @@ dots, scales applied once per group; 4-bit containers with natural groups of >= 
 through the plane-group table: act-order), all three in w4a16_gemv.py; for decode batches up to
 M = 64 'mmh' (tensor cores fed by LOP3 fp16 dequantization, w4a16_mma.py: 4-bit, natural groups of
 >= 64 columns, fp16) and 'mmt' (the same with the product swapped, out^T = W x^T, so that the
-weights are the MMA's M side: Hopper's warpgroup MMA with the planes in registers) and 'mm' (tensor cores, fp32 dequantization: any weight; BM = 16 for M <= 16,
-larger tiles for prefill); 'dq' (dequantize to a dense [K, N] matrix, then cuBLAS; offered for
-M >= 256). gemv and mm split K over a second grid axis when the tiles alone
-would leave SMs idle: each split stores an fp32 partial and the last split of a tile to arrive (a per-tile counter in
-`locks`) sums them, all in one launch. Which config runs is timed once per (M bucket, N, K, bits,
+weights are the MMA's M side: Hopper's warpgroup MMA with the planes in registers); 'mm' (tensor
+cores, fp32 dequantization: any weight; BM = 16 for M <= 16, larger tiles for prefill); 'dq'
+(dequantize to a dense [K, N] matrix, then cuBLAS; offered for M >= 256). gemv and mm split K over
+a second grid axis when the tiles alone would leave SMs idle: each split stores an fp32 partial and
+the last split of a tile to arrive (a per-tile counter in `locks`) sums them, all in one launch. Which config runs is timed once per (M bucket, N, K, bits,
 dtype) in a CUDA graph and cached (lowbit.kernels._common); the counters assume one stream.
 """
 from __future__ import annotations
@@ -320,7 +320,7 @@ def _candidates(m: int, n: int, w: W4A16Weight, device: torch.device, dtype: tor
 
     out: list[Config] = []
     if 1 < m <= 64 and _mmh_applies(w, dtype):
-        # the tiles that won somewhere in benchmarks/results/bench_gemv_mmh_*.json (H100; at M = 1
+        # the tiles that won somewhere in benchmarks/results/bench_gemv_mm{h,t}_* (H100; at M = 1
         # the fp16x2 gemv always beat both): few, since every config is one more compile at start
         if m <= 16:
             tiles = [("mmt", 16, 64, 3), ("mmh", 16, 64, 3), ("mmh", 16, 64, 4), ("mmt", 16, 128, 3)]

@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels.pdl import pdl_begin
-from lowbit.kernels.w4a16_tiles import (DOT_F32, _code_plus_one, _dequant, _finish, _group_scale_zero, _half_pair,
-                                        _plane_scales, prefetch_blocks)
+from lowbit.kernels.w4a16_tiles import (DOT_F32, _code_plus_one, _dequant, _finish, _group_scale_zero, _plane_scales,
+                                        prefetch_blocks)
 
 
 @triton.jit
@@ -132,6 +132,13 @@ mov.b32 $0, fl;
 mov.b32 $1, fh;
 }
 """)
+
+
+@triton.jit
+def _half_pair(a, b):
+    """Two fp16 tensors -> int32 holding the half2 {a, b} (a in the low half)."""
+    lo = a.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return lo | (b.to(tl.int16, bitcast=True).to(tl.int32) << 16)
 
 
 @triton.jit

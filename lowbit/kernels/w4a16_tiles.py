@@ -1,7 +1,7 @@
 """What the W4A16 kernels share (lowbit/kernels/w4a16.py has the weight layout): a code as a float
-by bit tricks, per-plane scales, half2 packing, and the split-K epilogue in which the last split of
-a tile sums the partials. Imported by w4a16.py, w4a16_gemv.py and w4a16_mma.py; nothing here
-launches."""
+by bit tricks, per-plane scales, the L2 prefetch of a program's first weight blocks, and the split-K
+epilogue in which the last split of a tile sums the partials. Imported by w4a16.py, w4a16_gemv.py
+and w4a16_mma.py; nothing here launches."""
 from __future__ import annotations
 
 import triton
@@ -49,13 +49,6 @@ def _plane_scales(s_ptr, z_ptr, pg_ptr, plane, offs_n, nmask, stride_g, CB: tl.c
     s, z = _group_scale_zero(s_ptr, z_ptr, tl.load(pg_ptr + plane), offs_n, nmask, stride_g)
     S = s * (1 << CB)
     return S, S + z * s
-
-
-@triton.jit
-def _half_pair(a, b):
-    """Two fp16 tensors -> int32 holding the half2 {a, b} (a in the low half)."""
-    lo = a.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    return lo | (b.to(tl.int16, bitcast=True).to(tl.int32) << 16)
 
 
 @triton.jit
