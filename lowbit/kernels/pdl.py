@@ -10,10 +10,11 @@ ones before it did too. What a kernel may do before waiting: touch data no kerne
 writes, e.g. prefetch its weights into L2 (`prefetch_l2`).
 
 Opt-in for now: `LOWBIT_PDL=1` turns it on (the interpreter and GPUs before Hopper never use it).
-Measured on the H100 (benchmarks/README.md, "Programmatic dependent launch"): correct in every kernel
-test and in greedy decoding of a W4A16 7B model; fp16 batch-1 decode 170 tokens/s against 156-164
-without it in the same session's runs, within run-to-run noise at concurrency 16/64; the W4A16
-engine's speed with it is not measured yet, so it stays off by default until it is.
+Measured on the H100 (benchmarks/README.md, "Programmatic dependent launch"): every kernel test
+passes with it, and a W4A16 7B model with dummy weights decodes the same greedy tokens with and
+without it; fp16 batch-1 decode gave 170 tokens/s with it against 156-164 without it on other
+machines of the kind, within run-to-run noise at concurrency 16/64. The W4A16 engine's speed with
+it is not measured yet, so it stays off by default until it is.
 """
 from __future__ import annotations
 
