@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,14 @@ from lowbit.eval.task_formats import build_items, interleave_subjects
 from lowbit.eval.tasks import mean_stderr, score_items
 
 ARC_SHA256 = "a03a11a8fee86f6d0607f426e7b3b7a9180a4894170e934da75596e93c4b51f1"  # shared/data/README.md
+TEST_DATA = Path(__file__).parent / "data"  # small copies of shared/data (tests/data/README.md)
+
+
+@pytest.fixture(autouse=True)
+def _task_data(monkeypatch):
+    """The task files come from tests/data, so a clean clone without ../shared runs these tests
+    (the CLI subprocesses inherit the variable)."""
+    monkeypatch.setenv("LOWBIT_DATA_DIR", str(TEST_DATA))
 
 
 def test_prompt_formats_are_the_harness_formats():
