@@ -79,6 +79,58 @@ def make_method(method: str, w_bits: int, group_size: int, symmetric: bool, act_
     return GPTQMethod(w_bits, group_size, symmetric, act_order=act_order, static_groups=static_groups, mse=mse)
 
 
+def check_work_dir(work_dir: str | Path, overwrite: bool) -> None:
+    """Refuse a --work-dir that holds something, before any work, unless --overwrite."""
+    out = Path(work_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise LowbitError(f"{out}: already exists; choose a new --work-dir or pass --overwrite")
+
+
+def model_to_quantize(model: str | Path | torch.nn.Module, tokenizer, dtype: str):
+    """(net, tokenizer) of a full-precision, unmerged model: loaded from a path or name (on the CPU;
+    the driver moves layers to the device one by one), or an already loaded one with its tokenizer.
+    Refuses merged projections and anything already quantized."""
+    from lowbit.loading.loader import build_model, open_checkpoint, parse_dtype
+    from lowbit.models.default import resolve_model
+
+    if isinstance(model, torch.nn.Module):
+        # an already loaded dense model (quantized in place); its tokenizer must come with it
+        if tokenizer is None:
+            raise LowbitError("quantize(model=<loaded model>) needs tokenizer=")
+        net = model
+        merged = [n for n, m in net.named_modules() if getattr(m, "shards", None)]
+        if merged:
+            raise LowbitError(f"{merged[0]}: q/k/v (gate/up) are merged for inference; quantizers work on each "
+                              f"projection: load the model with build_model(..., fused=False)")
+    else:
+        ckpt = open_checkpoint(resolve_model(str(model)))
+        if ckpt.quant:
+            raise LowbitError(f"{ckpt.source}: already quantized (quantization_config.quant_method "
+                              f"{ckpt.quant.get('quant_method')!r}); quantize the original full-precision model")
+        net = build_model(ckpt, parse_dtype(dtype), "cpu", fused=False)
+        tokenizer = ckpt.tokenizer()
+    already = [n for n, m in net.named_modules() if getattr(m, "method", None) is not None and m.method.name != "dense"]
+    if already:
+        raise LowbitError(f"{already[0]}: already quantized ({net.get_submodule(already[0]).method.name}); "
+                          f"quantize the original full-precision model")
+    return net, tokenizer
+
+
+def run_layers(net, layer_method, tokenizer, calib_dataset: str, calib_samples: int, calib_seqlen: int,
+               seed: int, device: str | None, log):
+    """Draw the calibration windows if the method needs them and quantize layer by layer on
+    `device` (default: the GPU if present). -> (qweights, per-layer errors, seconds, calibration ids)."""
+    from lowbit.loading.loader import default_device
+
+    calib = None
+    if layer_method.needs_calibration:
+        calib = calibration_set(tokenizer, calib_dataset, calib_samples, calib_seqlen, seed)
+    dev = torch.device(device) if device else default_device()
+    t0 = time.time()
+    qweights, errors = quantize_model_layers(net, layer_method, calib, dev, log=log)
+    return qweights, errors, time.time() - t0, calib
+
+
 def quantize(model: str | Path | torch.nn.Module = "default", method: str = "awq", work_dir: str | Path | None = None, *,
              w_bits: int = 4, group_size: int = DEFAULT_GROUP_SIZE, zero_point: bool = True,
              calib_dataset: str = DEFAULT_DATASET, calib_samples: int = DEFAULT_SAMPLES,
@@ -99,9 +151,6 @@ def quantize(model: str | Path | torch.nn.Module = "default", method: str = "awq
                              tokenizer=tokenizer, log=log, act_order=act_order, fmt=fmt, **w8a8_options)
     if w8a8_options:
         raise LowbitError(f"{method}: {', '.join(w8a8_options)} apply to smoothquant / w8a8 / fp8 only")
-    from lowbit.loading.loader import build_model, default_device, open_checkpoint, parse_dtype
-    from lowbit.models.default import resolve_model
-
     fmt = fmt or DEFAULT_FORMAT.get(method, "awq")
     if act_order is None:
         act_order = DEFAULT_ACT_ORDER and method in GPTQ_METHODS
@@ -112,39 +161,12 @@ def quantize(model: str | Path | torch.nn.Module = "default", method: str = "awq
         if importlib.util.find_spec("lowbit.quant.export") is None:
             raise LowbitError("writing a quantized checkpoint needs lowbit.quant.export, which this install lacks; "
                               "call without work_dir to quantize in memory")
-        out = Path(work_dir)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-            raise LowbitError(f"{out}: already exists; choose a new --work-dir or pass --overwrite")
-    if isinstance(model, torch.nn.Module):
-        # an already loaded dense model (quantized in place); its tokenizer must come with it
-        if tokenizer is None:
-            raise LowbitError("quantize(model=<loaded model>) needs tokenizer=")
-        net = model
-        merged = [n for n, m in net.named_modules() if getattr(m, "shards", None)]
-        if merged:
-            raise LowbitError(f"{merged[0]}: q/k/v (gate/up) are merged for inference; quantizers work on each "
-                              f"projection: load the model with build_model(..., fused=False)")
-    else:
-        ckpt = open_checkpoint(resolve_model(str(model)))
-        if ckpt.quant:
-            raise LowbitError(f"{ckpt.source}: already quantized (quantization_config.quant_method "
-                              f"{ckpt.quant.get('quant_method')!r}); quantize the original full-precision model")
-        net = build_model(ckpt, parse_dtype(dtype), "cpu", fused=False)  # stays on the CPU; layers visit the device one by one
-        tokenizer = ckpt.tokenizer()
-    already = [n for n, m in net.named_modules() if getattr(m, "method", None) is not None and m.method.name != "dense"]
-    if already:
-        raise LowbitError(f"{already[0]}: already quantized ({net.get_submodule(already[0]).method.name}); "
-                          f"quantize the original full-precision model")
+        check_work_dir(work_dir, overwrite)
+    net, tokenizer = model_to_quantize(model, tokenizer, dtype)
     check_group_size(linear_in_features(net), group_size)
     layer_method = make_method(method, w_bits, group_size, not zero_point, act_order, static_groups, awq_clip, mse)
-    calib = None
-    if layer_method.needs_calibration:
-        calib = calibration_set(tokenizer, calib_dataset, calib_samples, calib_seqlen, seed)
-
-    dev = torch.device(device) if device else default_device()
-    t0 = time.time()
-    qweights, errors = quantize_model_layers(net, layer_method, calib, dev, log=log)
-    seconds = time.time() - t0
+    qweights, errors, seconds, calib = run_layers(net, layer_method, tokenizer, calib_dataset, calib_samples,
+                                                  calib_seqlen, seed, device, log)
     options = {"method": method, "w_bits": w_bits, "group_size": group_size, "zero_point": zero_point,
                "act_order": act_order, "static_groups": static_groups if act_order else None,
                "mse_range": mse if method != "awq" else None,

@@ -7,15 +7,12 @@ written as a compressed-tensors checkpoint. Every option is checked before the m
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from lowbit.errors import LowbitError
 from lowbit.formats.compressed_tensors import W8A8Scheme
-from lowbit.quant.calibration import DEFAULT_DATASET, DEFAULT_SAMPLES, DEFAULT_SEQLEN, calibration_set
+from lowbit.quant.calibration import DEFAULT_DATASET, DEFAULT_SAMPLES, DEFAULT_SEQLEN
 
 W8A8_METHODS = ("smoothquant", "w8a8", "fp8")
 ACT_SCHEMES = ("dynamic", "static")
@@ -54,38 +51,15 @@ def quantize_w8a8(model="default", method: str = "smoothquant", work_dir: str | 
     """Quantize MODEL's decoder linears to W8A8 int8 (smoothquant, w8a8) or FP8 and, with work_dir,
     write a compressed-tensors checkpoint there. Returns a QuantizeResult whose model computes what
     the checkpoint computes (weights dequantized, inputs rounded by forward pre-hooks)."""
-    from lowbit.loading.loader import build_model, default_device, open_checkpoint, parse_dtype
-    from lowbit.models.default import resolve_model
-    from lowbit.quant.api import QuantizeResult
-    from lowbit.quant.driver import quantize_model_layers
+    from lowbit.quant.api import QuantizeResult, check_work_dir, model_to_quantize, run_layers
 
     weight_only = {k: v for k, v in ignored.items() if k in ("act_order", "fmt", "awq_clip") and v}
     if weight_only:
         raise LowbitError(f"{method}: {', '.join(weight_only)} apply to weight-only methods (rtn, awq, gptq)")
     scheme, alpha_value = check_w8a8_options(method, alpha, act_scheme)
     if work_dir is not None:
-        out = Path(work_dir)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-            raise LowbitError(f"{out}: already exists; choose a new --work-dir or pass --overwrite")
-    if isinstance(model, torch.nn.Module):
-        if tokenizer is None:
-            raise LowbitError("quantize(model=<loaded model>) needs tokenizer=")
-        net = model
-    else:
-        ckpt = open_checkpoint(resolve_model(str(model)))
-        if ckpt.quant:
-            raise LowbitError(f"{ckpt.source}: already quantized (quantization_config.quant_method "
-                              f"{ckpt.quant.get('quant_method')!r}); quantize the original full-precision model")
-        net = build_model(ckpt, parse_dtype(dtype), "cpu", fused=False)
-        tokenizer = ckpt.tokenizer()
-    merged = [n for n, m in net.named_modules() if getattr(m, "shards", None)]
-    if merged:
-        raise LowbitError(f"{merged[0]}: q/k/v (gate/up) are merged for inference; quantizers work on each "
-                          f"projection: load the model with build_model(..., fused=False)")
-    already = [n for n, m in net.named_modules() if getattr(m, "method", None) is not None and m.method.name != "dense"]
-    if already:
-        raise LowbitError(f"{already[0]}: already quantized ({net.get_submodule(already[0]).method.name}); "
-                          f"quantize the original full-precision model")
+        check_work_dir(work_dir, overwrite)
+    net, tokenizer = model_to_quantize(model, tokenizer, dtype)
     if method == "smoothquant":
         from lowbit.quant.smoothquant import SMOOTHABLE, SmoothQuantMethod
 
@@ -97,13 +71,8 @@ def quantize_w8a8(model="default", method: str = "smoothquant", work_dir: str | 
         from lowbit.quant.w8a8 import W8A8Method
 
         layer_method = W8A8Method(scheme)
-    calib = None
-    if layer_method.needs_calibration:
-        calib = calibration_set(tokenizer, calib_dataset, calib_samples, calib_seqlen, seed)
-    dev = torch.device(device) if device else default_device()
-    t0 = time.time()
-    qweights, errors = quantize_model_layers(net, layer_method, calib, dev, log=log)
-    seconds = time.time() - t0
+    qweights, errors, seconds, calib = run_layers(net, layer_method, tokenizer, calib_dataset, calib_samples,
+                                                  calib_seqlen, seed, device, log)
     options = {"method": method, "scheme": scheme.describe(), "act_scheme": act_scheme,
                "alpha": (alpha_value if alpha_value is not None else "auto") if method == "smoothquant" else None,
                "calib_dataset": calib_dataset if calib is not None else None,
