@@ -5,6 +5,7 @@ bench_kernels.py (CUDA graph, rotating weight copies so L2 never holds the next 
 
     python3 benchmarks/bench_gemv.py --out $OUT
     python3 benchmarks/bench_gemv.py --m 1,16,64 --kinds gemvh,mmh,mm --out $OUT
+    python3 benchmarks/bench_gemv.py --kinds gemvc,gemvh --out $OUT     # the CUDA C++ gemv beside Triton's
 """
 from __future__ import annotations
 
@@ -101,9 +102,9 @@ def time_shape(model, layer, k, n, m, w, ws, w16s, tgs, kinds, copy) -> dict:
             line += f"  {kind} {b[0]:6.1f} us ({row['bytes'] / b[0] / 1e3 / copy * 100:4.1f}% BW)"
     print(line, flush=True)
     for kind in kinds:
-        top = sorted((v["us"], c) for c, v in row["configs"].items() if v.get("kind") == kind)[:3]
-        for us, c in top:
-            print(f"    {us:6.1f} {c}")
+        top = sorted((v["us"], v["err"], c) for c, v in row["configs"].items() if v.get("kind") == kind)[:3]
+        for us, err, c in top:
+            print(f"    {us:6.1f} {c}  rel. err vs cuBLAS {err:.1e}")
     for e in [v["error"] for v in row["configs"].values() if "error" in v][:2]:
         print(f"    error: {e}")
     return row

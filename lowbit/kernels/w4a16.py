@@ -41,8 +41,9 @@ import torch
 import triton
 import triton.language as tl
 
+from lowbit.kernels import cuda_ext
 from lowbit.kernels._common import interpreting, new_empty, next_pow2, pick_config, sm_count
-from lowbit.kernels.pdl import launch_options
+from lowbit.kernels.pdl import launch_options, use_pdl
 from lowbit.kernels.w4a16_gemv import _gemv_fold_kernel, _gemv_h2_kernel, _gemv_kernel
 from lowbit.kernels.w4a16_mma import _mm_h2_kernel
 from lowbit.kernels.w4a16_tiles import DOT_F32, _dequant, _finish, _plane_scales
@@ -274,7 +275,7 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, pg_ptr, out_ptr, N, stride_wr, stride_g
 # ---- dispatch -----------------------------------------------------------------------------------
 
 class Config(NamedTuple):
-    kind: str  # 'gemv' | 'gemvf' (fold gemv) | 'gemvh' (fp16x2 fold gemv) | 'mmh' | 'mmt' (swapped mmh) | 'mm' | 'dq'
+    kind: str  # 'gemv' | 'gemvf' (fold gemv) | 'gemvh' (fp16x2 fold gemv) | 'gemvc' (CUDA C++ gemv) | 'mmh' | 'mmt' (swapped mmh) | 'mm' | 'dq'
     BM: int = 16
     BN: int = 64
     U: int = 1  # blocks (E planes each) per loop iteration
@@ -299,6 +300,28 @@ def _h2_applies(w: W4A16Weight) -> bool:
 def _mmh_applies(w: W4A16Weight, dtype: torch.dtype) -> bool:
     """The fp16-dequantizing tensor-core kernel: the fp16x2 gemv's weights, fp16 x and scales."""
     return _h2_applies(w) and dtype == torch.float16 and w.scales_gxn.dtype == torch.float16
+
+
+def _gemvc_applies(w: W4A16Weight, dtype: torch.dtype, device: torch.device) -> bool:
+    """The CUDA C++ gemv (csrc/w4a16_gemv.cu): mmh's weights with groups of whole 64-column halves."""
+    return (cuda_ext.enabled(device) and _mmh_applies(w, dtype) and w.group_planes % 4 == 0
+            and w.out_features % 4 == 0)
+
+
+_GEMVC_MAX_BLOCKS = 128  # blocks of K per program: their x (256 bytes each) plus the warps' sums fit 48 KB
+
+
+def _gemvc_candidates(n: int, nb: int, sms: int) -> list[Config]:
+    """Programs of BN = 32, 64 or 128 columns (1, 2 or 4 a lane) and 8 or 16 warps over K (8 for 4
+    columns a lane: 16 would spill registers); K split across programs only as far as needed to
+    give every SM one."""
+    out = []
+    for bn in (32, 64, 128):
+        tiles = triton.cdiv(n, bn)
+        least = triton.cdiv(nb, _GEMVC_MAX_BLOCKS)
+        splits = dict.fromkeys((least, max(least, min(nb // 2, triton.cdiv(sms, tiles)))))
+        out += [Config("gemvc", 1, bn, 1, s, warps, 1) for warps in ((8,) if bn == 128 else (8, 16)) for s in splits]
+    return out
 
 
 def _candidates(m: int, n: int, w: W4A16Weight, device: torch.device, dtype: torch.dtype) -> list[Config]:
@@ -331,6 +354,8 @@ def _candidates(m: int, n: int, w: W4A16Weight, device: torch.device, dtype: tor
         for kind, bm, bn, stages in tiles:
             out += with_splits(kind, bm, bn, 1, 4, stages)
         return list(dict.fromkeys(out))
+    if m == 1 and _gemvc_applies(w, dtype, device):
+        out += _gemvc_candidates(n, nb, sms)
     if m == 1 and w.group_planes:
         # a thread holds BN / 128 16-byte loads of a row (x work is per row) and 16 / warps rows
         tiles = [(512, 4), (1024, 4), (1024, 8), (512, 2), (256, 4), (128, 4), (256, 8), (64, 2)]
@@ -392,6 +417,9 @@ def _launch(cfg: Config, x2: torch.Tensor, w: W4A16Weight, out: torch.Tensor) ->
             s.stride(0), P=PLANE, BM=cfg.BM, BN=cfg.BN, GROUP_PLANES=w.group_planes, EVEN_K=kx % (8 * PLANE) == 0,
             EVEN_N=n % cfg.BN == 0, SWAP=cfg.kind == "mmt", PARTIAL=partial,
             num_warps=cfg.warps, num_stages=cfg.stages, **launch_options(x2.device))
+    elif cfg.kind == "gemvc":
+        cuda_ext.w4a16_gemv_module().w4a16_gemv(x2, qw, s, z, out, ws, w.locks, kx, w.group_planes, split,
+                                                cfg.warps, cfg.BN // 32, use_pdl(x2.device))
     elif cfg.kind == "gemvh":
         _gemv_h2_kernel[(triton.cdiv(n, cfg.BN), split)](
             x2, qw, s, z, out, ws, w.locks, n, kx, s.shape[0], nb, bps, split, qw.stride(0), s.stride(0),

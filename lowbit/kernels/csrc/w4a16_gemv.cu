@@ -1,0 +1,308 @@
+// W4A16 matrix-vector product (M = 1) in CUDA C++, on the weight layout of lowbit/kernels/w4a16.py:
+// qweight int32 [K_pad / 8, N], N-contiguous; row r = b * 16 + i holds, in bits [4j, 4j + 4), the
+// code of column k = b * 128 + j * 16 + i. scales / zeros fp16 [G, N]; groups span a whole number of
+// 64-column halves of a block (group_planes % 4 == 0), in natural order.
+//
+// Why not Triton: the Triton gemv (gemvh) reaches 33-63% of copy bandwidth on the 7B/8B shapes,
+// spending ~4.8 instructions a weight (benchmarks/README.md). Here a thread owns 1, 2 or 4 adjacent
+// output columns and streams their rows: one load brings 8 codes of each column, whose 8
+// activations (the same for all columns) come from one broadcast 16-byte shared-memory load, and each
+// int32 of 8 codes costs 5 integer ops (Marlin's LOP3 trick: code | 0x6400 is the fp16 1024 + code)
+// and 8 half2 ops: ~1.3 instructions a weight in the SASS.
+//
+// Arithmetic, per int32 of 8 codes c0..c7 and one column: the LOP3 trick yields half2 pairs
+// (c0, c4), (c1, c5), (c2, c6), (c3, c7) (the hi nibbles 16x, undone by an fma); minus (1024 + z)
+// they are the exact integers code - zero. Their dot with the x pairs (x / 16, so no fp16 partial
+// overflows below |x| ~ 17000) is 4 half2 products summed in fp16; lane .x holds the block's first
+// 64 columns, lane .y its last 64, so each lane meets one group and is scaled in fp32 per block.
+// Blocks are split over the warps of a program and over `split` programs along K; the last program
+// of a column tile to arrive (a counter per tile in `locks`, re-armed by it) sums the fp32 partials.
+#include <cstdint>
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <torch/extension.h>
+#include <c10/cuda/CUDAStream.h>
+
+namespace {
+
+constexpr int kRows = 16;  // rows of one block of codes (128 columns of K)
+
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t mask, uint32_t bits) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(r) : "r"(a), "r"(mask), "r"(bits));  // (a & mask) | bits
+  return r;
+}
+
+__device__ __forceinline__ half2 as_half2(uint32_t u) { return *reinterpret_cast<half2*>(&u); }
+
+// kCols consecutive int32 (read once: not kept in L1)
+template <int kCols>
+__device__ __forceinline__ void load_words(uint32_t (&dst)[kCols], const uint32_t* p) {
+  if constexpr (kCols == 4) {
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(dst[0]), "=r"(dst[1]), "=r"(dst[2]), "=r"(dst[3]) : "l"(p));
+  } else if constexpr (kCols == 2) {
+    asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(dst[0]), "=r"(dst[1]) : "l"(p));
+  } else {
+    asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(dst[0]) : "l"(p));
+  }
+}
+
+// kCols consecutive fp16 values
+template <int kCols>
+__device__ __forceinline__ void load_halves(half (&dst)[kCols], const half* p) {
+  if constexpr (kCols == 4) {
+    *reinterpret_cast<uint2*>(dst) = __ldg(reinterpret_cast<const uint2*>(p));
+  } else if constexpr (kCols == 2) {
+    *reinterpret_cast<uint32_t*>(dst) = __ldg(reinterpret_cast<const unsigned int*>(p));
+  } else {
+    dst[0] = __ldg(p);
+  }
+}
+
+// sum over one int32's 8 codes of (code - zero) * x/16, lane .x: codes 0-3, lane .y: codes 4-7
+__device__ __forceinline__ half2 word_dot(uint32_t q, const uint4& xv, half2 z1024, half2 z64_neg) {
+  const uint32_t kLo = 0x000f000f, kHi = 0x00f000f0, kMagic = 0x64006400;  // 0x6400 = fp16 1024
+  const half2 inv16 = __float2half2_rn(0.0625f);
+  const uint32_t q8 = q >> 8;
+  const half2 d0 = __hsub2(as_half2(and_or(q, kLo, kMagic)), z1024);
+  const half2 d1 = __hfma2(as_half2(and_or(q, kHi, kMagic)), inv16, z64_neg);
+  const half2 d2 = __hsub2(as_half2(and_or(q8, kLo, kMagic)), z1024);
+  const half2 d3 = __hfma2(as_half2(and_or(q8, kHi, kMagic)), inv16, z64_neg);
+  half2 p = __hmul2(d0, as_half2(xv.x));
+  p = __hfma2(d1, as_half2(xv.y), p);
+  p = __hfma2(d2, as_half2(xv.z), p);
+  return __hfma2(d3, as_half2(xv.w), p);
+}
+
+// one block of a thread's columns: 16 rows of codes and the scales / zeros of the block's two halves
+template <int kCols>
+struct Block {
+  uint32_t w[kRows][kCols];
+  half s_a[kCols], s_b[kCols], z_a[kCols], z_b[kCols];
+};
+
+template <int kCols>
+__device__ __forceinline__ void load_block(Block<kCols>& blk, const uint32_t* qweight, const half* scales,
+                                           const half* zeros, int b, int n, int n0, int group_planes) {
+  const uint32_t* src = qweight + static_cast<size_t>(b) * kRows * n + n0;
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) load_words<kCols>(blk.w[i], src + static_cast<size_t>(i) * n);
+  const size_t g_a = (8 * b) / group_planes, g_b = (8 * b + 4) / group_planes;  // the halves' groups
+  load_halves<kCols>(blk.s_a, scales + g_a * n + n0);
+  load_halves<kCols>(blk.s_b, scales + g_b * n + n0);
+  load_halves<kCols>(blk.z_a, zeros + g_a * n + n0);
+  load_halves<kCols>(blk.z_b, zeros + g_b * n + n0);
+}
+
+template <int kCols>
+__device__ __forceinline__ void dot_block(const Block<kCols>& blk, const uint4* x_block, float (&acc)[kCols]) {
+  half2 z1024[kCols], z64_neg[kCols];
+  float2 part[kCols];
+#pragma unroll
+  for (int c = 0; c < kCols; ++c) {
+    const half2 z = __halves2half2(blk.z_a[c], blk.z_b[c]);
+    z1024[c] = __hadd2(z, __float2half2_rn(1024.f));
+    z64_neg[c] = __hneg2(__hadd2(z, __float2half2_rn(64.f)));
+    part[c] = make_float2(0.f, 0.f);
+  }
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) {
+    const uint4 xv = x_block[i];  // the same address in every lane: one broadcast
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) {
+      const float2 p = __half22float2(word_dot(blk.w[i][c], xv, z1024[c], z64_neg[c]));
+      part[c].x += p.x;
+      part[c].y += p.y;
+    }
+  }
+#pragma unroll
+  for (int c = 0; c < kCols; ++c)
+    acc[c] += part[c].x * __half2float(blk.s_a[c]) + part[c].y * __half2float(blk.s_b[c]);
+}
+
+// A program owns 32 * kCols output columns (kCols adjacent ones per lane) and the blocks
+// [b_start, b_end) of K; its warps take every kWarps-th block, each loading the next block's codes
+// while it computes on the current one. The first block is requested before the program waits for
+// the kernel before it (programmatic dependent launch), as it reads nothing that kernel writes; the
+// next kernel may launch once the weights are read.
+template <int kWarps, int kCols>
+__global__ void __launch_bounds__(kWarps * 32)
+w4a16_gemv_kernel(const half* __restrict__ x, const uint32_t* __restrict__ qweight,
+                  const half* __restrict__ scales, const half* __restrict__ zeros,
+                  half* __restrict__ out, float* __restrict__ partials, int* __restrict__ locks,
+                  int n, int kx, int n_blocks, int blocks_per_split, int split, int group_planes) {
+  constexpr int kTileCols = 32 * kCols;
+  // x of this program's blocks, x / 16, each row's 8 values in the order of the LOP3 pairs
+  extern __shared__ uint4 x_rows[];
+  __shared__ float warp_sums[kWarps][kTileCols];
+  const int tile = blockIdx.x, s = blockIdx.y;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int n0 = tile * kTileCols + lane * kCols;
+  const bool live = n0 < n;
+  const int b_start = s * blocks_per_split;
+  const int b_end = min(b_start + blocks_per_split, n_blocks);
+
+  Block<kCols> cur, next;
+  int b = b_start + warp;
+  if (live && b < b_end) load_block(cur, qweight, scales, zeros, b, n, n0, group_planes);
+
+  // programmatic dependent launch (a no-op without it): wait for the kernel before, which wrote x
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+
+  half* xh = reinterpret_cast<half*>(x_rows);
+  const half inv16 = __float2half(0.0625f);
+  const int cols = (b_end - b_start) * 128;
+  const half* xs = x + static_cast<size_t>(b_start) * 128;
+  const int x_here = min(cols, kx - b_start * 128);  // columns past kx are padding: zero
+  if ((kx & 7) == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0) {
+    for (int c = threadIdx.x * 8; c < cols; c += kWarps * 32 * 8) {  // 8 columns: one row each, one slot
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (c < x_here) v = __ldg(reinterpret_cast<const uint4*>(xs + c));
+      const half* vh = reinterpret_cast<const half*>(&v);
+      const int j = (c >> 4) & 7, i0 = c & 15;
+      const int slot = ((j & 3) << 1) | (j >> 2);  // pairs (c0, c4), (c1, c5), (c2, c6), (c3, c7)
+#pragma unroll
+      for (int t = 0; t < 8; ++t) xh[(((c >> 7) * kRows + i0 + t) << 3) + slot] = __hmul(vh[t], inv16);
+    }
+  } else {
+    for (int c = threadIdx.x; c < cols; c += kWarps * 32) {
+      const int j = (c >> 4) & 7, i = c & 15;
+      const int slot = ((j & 3) << 1) | (j >> 2);
+      xh[(((c >> 7) * kRows + i) << 3) + slot] = c < x_here ? __hmul(xs[c], inv16) : __float2half(0.f);
+    }
+  }
+  __syncthreads();
+
+  float acc[kCols];
+#pragma unroll
+  for (int c = 0; c < kCols; ++c) acc[c] = 0.f;
+  if (live) {
+    for (; b < b_end; b += kWarps) {
+      if (b + kWarps < b_end) load_block(next, qweight, scales, zeros, b + kWarps, n, n0, group_planes);
+      dot_block(cur, x_rows + (b - b_start) * kRows, acc);
+      cur = next;
+    }
+  }
+  // the weights are read: let the next kernel launch (and prefetch) while the sums are reduced
+  asm volatile("griddepcontrol.launch_dependents;");
+#pragma unroll
+  for (int c = 0; c < kCols; ++c) warp_sums[warp][lane * kCols + c] = acc[c];
+  __syncthreads();
+  if (warp != 0) return;
+
+  float total[kCols];
+#pragma unroll
+  for (int c = 0; c < kCols; ++c) {
+    float t = 0.f;
+#pragma unroll
+    for (int v = 0; v < kWarps; ++v) t += warp_sums[v][lane * kCols + c];
+    total[c] = 16.f * t;  // undo the x / 16
+  }
+  if (split > 1) {
+    float* mine = partials + static_cast<size_t>(s) * n + n0;
+    if (live) {
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) mine[c] = total[c];
+    }
+    __threadfence();  // this program's partial is visible before its arrival is counted
+    __syncwarp();
+    int arrived = 0;
+    if (lane == 0) arrived = atomicAdd(locks + tile, 1);
+    arrived = __shfl_sync(0xffffffffu, arrived, 0);
+    if (arrived != split - 1) return;
+    __threadfence();
+    if (live) {
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) total[c] = 0.f;
+      for (int t = 0; t < split; ++t) {
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) total[c] += __ldcg(partials + static_cast<size_t>(t) * n + n0 + c);
+      }
+    }
+    if (lane == 0) locks[tile] = 0;  // re-armed for the next call
+  }
+  if (live) {
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) out[n0 + c] = __float2half_rn(total[c]);
+  }
+}
+
+template <int kWarps, int kCols>
+void launch(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
+            const torch::Tensor& zeros, torch::Tensor& out, torch::Tensor& partials, torch::Tensor& locks,
+            int kx, int group_planes, int split, bool pdl) {
+  const int n = static_cast<int>(qweight.size(1));
+  const int n_blocks = static_cast<int>(qweight.size(0)) / kRows;
+  const int bps = (n_blocks + split - 1) / split;
+  split = (n_blocks + bps - 1) / bps;
+  const int tiles = (n + 32 * kCols - 1) / (32 * kCols);
+  TORCH_CHECK(split == 1 || (partials.scalar_type() == at::kFloat && partials.numel() >= split * n &&
+                             locks.numel() >= tiles),
+              "w4a16_gemv: split ", split, " needs fp32 partials [split, N] and ", tiles, " int32 locks");
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(tiles, split);
+  cfg.blockDim = dim3(kWarps * 32);
+  cfg.dynamicSmemBytes = static_cast<size_t>(bps) * kRows * sizeof(uint4);
+  cfg.stream = c10::cuda::getCurrentCUDAStream();
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  const cudaError_t err = cudaLaunchKernelEx(
+      &cfg, w4a16_gemv_kernel<kWarps, kCols>, reinterpret_cast<const half*>(x.data_ptr()),
+      reinterpret_cast<const uint32_t*>(qweight.data_ptr()), reinterpret_cast<const half*>(scales.data_ptr()),
+      reinterpret_cast<const half*>(zeros.data_ptr()), reinterpret_cast<half*>(out.data_ptr()),
+      split > 1 ? partials.data_ptr<float>() : nullptr, locks.data_ptr<int>(), n, kx, n_blocks, bps, split,
+      group_planes);
+  TORCH_CHECK(err == cudaSuccess, "w4a16_gemv: launch failed: ", cudaGetErrorString(err));
+}
+
+template <int kWarps>
+void launch_cols(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
+                 const torch::Tensor& zeros, torch::Tensor& out, torch::Tensor& partials, torch::Tensor& locks,
+                 int kx, int group_planes, int split, int cols, bool pdl) {
+  switch (cols) {
+    case 1: launch<kWarps, 1>(x, qweight, scales, zeros, out, partials, locks, kx, group_planes, split, pdl); break;
+    case 2: launch<kWarps, 2>(x, qweight, scales, zeros, out, partials, locks, kx, group_planes, split, pdl); break;
+    case 4:
+      if constexpr (kWarps <= 8) {  // 16 warps of 4 double-buffered columns would spill registers
+        launch<kWarps, 4>(x, qweight, scales, zeros, out, partials, locks, kx, group_planes, split, pdl);
+        break;
+      }
+      [[fallthrough]];
+    default: TORCH_CHECK(false, "w4a16_gemv: ", kWarps, " warps of ", cols, " columns a lane are not built");
+  }
+}
+
+}  // namespace
+
+// out[N] = x[kx] @ dequant(W).T, 32 * cols output columns per program of `warps` warps, K split over
+// `split` programs (fp32 partials [split, N] and int32 zero locks, one per program column; unused
+// when split == 1)
+void w4a16_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros,
+                torch::Tensor out, torch::Tensor partials, torch::Tensor locks, int64_t kx,
+                int64_t group_planes, int64_t split, int64_t warps, int64_t cols, bool pdl) {
+  TORCH_CHECK(x.is_cuda() && x.scalar_type() == at::kHalf && x.is_contiguous(), "w4a16_gemv: x must be contiguous fp16 on the GPU");
+  TORCH_CHECK(qweight.scalar_type() == at::kInt && qweight.is_contiguous() && qweight.size(0) % kRows == 0,
+              "w4a16_gemv: qweight must be contiguous int32 [K_pad / 8, N] with K_pad a multiple of 128");
+  const int64_t n = qweight.size(1);
+  TORCH_CHECK(n % cols == 0 && n % 4 == 0, "w4a16_gemv: N = ", n, " must be a multiple of 4");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && zeros.scalar_type() == at::kHalf && scales.is_contiguous() &&
+              zeros.is_contiguous() && scales.size(1) == n && zeros.sizes() == scales.sizes(),
+              "w4a16_gemv: scales and zeros must be contiguous fp16 [G, N]");
+  TORCH_CHECK(group_planes % 4 == 0 && group_planes > 0, "w4a16_gemv: groups must span whole 64-column halves");
+  TORCH_CHECK(out.scalar_type() == at::kHalf && out.is_contiguous() && out.numel() == n, "w4a16_gemv: out must be fp16 [N]");
+  TORCH_CHECK(x.numel() >= kx && kx <= qweight.size(0) * 8, "w4a16_gemv: x is shorter than kx");
+  TORCH_CHECK(split >= 1, "w4a16_gemv: split must be >= 1");
+  const int k = static_cast<int>(kx), gp = static_cast<int>(group_planes), sp = static_cast<int>(split);
+  const int c = static_cast<int>(cols);
+  switch (warps) {
+    case 4: launch_cols<4>(x, qweight, scales, zeros, out, partials, locks, k, gp, sp, c, pdl); break;
+    case 8: launch_cols<8>(x, qweight, scales, zeros, out, partials, locks, k, gp, sp, c, pdl); break;
+    case 16: launch_cols<16>(x, qweight, scales, zeros, out, partials, locks, k, gp, sp, c, pdl); break;
+    default: TORCH_CHECK(false, "w4a16_gemv: warps must be 4, 8 or 16, got ", warps);
+  }
+}
