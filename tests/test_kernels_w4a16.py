@@ -42,6 +42,8 @@ CASES = [  # (M, N, K, bits, group, sym, act_order, dtype)
     (33, 32, 256, 8, 64, True, False, torch.bfloat16),
     (16, 48, 384, 4, 128, False, False, torch.float16),  # the fp16 LOP3 tensor-core kernel ('mmh')
     (33, 40, 320, 4, 64, True, False, torch.float16),  # 'mmh' with a padded last block, g64 lanes
+    (1, 32, 256, 6, 64, False, False, torch.float16),  # 5 and 6 bits: 8-bit containers
+    (16, 32, 256, 5, 32, True, False, torch.float16),
 ]
 
 

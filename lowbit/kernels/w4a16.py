@@ -1,4 +1,4 @@
-"""Weight-only quantized matmul: y = x @ dequant(W).T with 2/3/4/8-bit integer weights (W4A16).
+"""Weight-only quantized matmul: y = x @ dequant(W).T with 2/3/4/5/6/8-bit integer weights (W4A16).
 
 Weights arrive as the quantizers produce them (`codes` uint8 [N, K], per-group `scales` [N, G] and
 integer `zeros` [N, G]; w = (code - zero) * scale) and are repacked once by `pack_w4a16`:
@@ -6,7 +6,7 @@ integer `zeros` [N, G]; w = (code - zero) * scale) and are repacked once by `pac
 * Columns are ordered by group (act-order g_idx: a stable sort; x is gathered the same way at
   call time) and each group is padded with zero columns to whole *planes* of P = 16 columns, so a
   plane never straddles two groups. `plane_group` [K_pad / P] names each plane's group.
-* Codes live in a `cb`-bit container (cb = 4 for 2/3/4-bit, 8 for 8-bit), E = 32 / cb per int32.
+* Codes live in a `cb`-bit container (cb = 4 for 2/3/4-bit, 8 for 5/6/8-bit), E = 32 / cb per int32.
   A block is E planes (E * P columns). `qweight_int32_kxn` [K_pad / E, N] is N-contiguous (a row
   of a tile is one coalesced load) and row r = b * P + i holds, in bits [j * cb, (j + 1) * cb),
   the code of column k = b * E * P + j * P + i. Code j of a tile is therefore a [P, N] plane whose
@@ -48,7 +48,7 @@ from lowbit.kernels.w4a16_gemv import _gemv_fold_kernel, _gemv_h2_kernel, _gemv_
 from lowbit.kernels.w4a16_mma import _mm_h2_kernel
 from lowbit.kernels.w4a16_tiles import DOT_F32, _dequant, _finish, _plane_scales
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 PLANE = 16  # P: columns per plane = the K of one tl.dot
 _MAX_SPLIT_TILES_PER_16N = 4  # split-K runs only while M <= 64: at most 4 row tiles of 16 per 16 columns
 
@@ -56,7 +56,7 @@ _MAX_SPLIT_TILES_PER_16N = 4  # split-K runs only while M <= 64: at most 4 row t
 def container_bits(bits: int) -> int:
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"w4a16: {bits}-bit weights are not supported; use one of {SUPPORTED_BITS}")
-    return 8 if bits == 8 else 4
+    return 8 if bits > 4 else 4
 
 
 @dataclass
