@@ -161,10 +161,11 @@ def _cuda_kernels_on() -> bool:
 
 
 @pytest.mark.skipif(not _cuda_kernels_on(), reason="the CUDA C++ gemv builds and runs on a Hopper-class GPU")
-@pytest.mark.parametrize("warps,bn", [(4, 128), (8, 128), (8, 32), (16, 64), (16, 32)])
+@pytest.mark.parametrize("warps,bn,depth", [(4, 128, 2), (8, 128, 2), (8, 32, 4), (16, 64, 2), (16, 32, 2),
+                                            (16, 32, 4)])
 @pytest.mark.parametrize("n,k,group,split", [(256, 512, 128, 1), (148, 320, 64, 3), (512, 1024, -1, 7),
                                              (4096, 4096, 128, 4), (1024, 11008, 128, 2), (64, 200, -1, 1)])
-def test_w4a16_cuda_gemv(n, k, group, split, warps, bn):
+def test_w4a16_cuda_gemv(n, k, group, split, warps, bn, depth):
     """The CUDA C++ gemv ('gemvc', csrc/w4a16_gemv.cu) against the PyTorch reference: both group
     layouts, per-channel scales, a padded last block, N not a multiple of the column tile,
     split-K (twice: a counter left armed would spoil the second call), activations of +-3000 (the
@@ -175,7 +176,7 @@ def test_w4a16_cuda_gemv(n, k, group, split, warps, bn):
     w = pack_w4a16(codes.cuda(), scales.cuda(), zeros.cuda(), group, bits=4)
     ref = w4a16_ref(x.float(), codes, scales, zeros, group)
     for _ in range(2):
-        out = w4a16_matmul(x.cuda(), w, config=Config("gemvc", 1, bn, 1, split, warps, 1))
+        out = w4a16_matmul(x.cuda(), w, config=Config("gemvc", 1, bn, depth, split, warps, 1))
         assert torch.isfinite(out).all()
         assert rel_err(out, ref) < 4e-3
         assert int(w.locks.abs().sum()) == 0

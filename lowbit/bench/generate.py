@@ -20,6 +20,7 @@ from lowbit.bench.common import (ModelSpec, cuda_peak, cuda_peak_reset, device_o
                                  percentiles, release_memory, write_json)
 from lowbit.engine.sampling_params import SamplingParams
 from lowbit.errors import LowbitError
+from lowbit.kernels._common import TUNE_LOG
 from lowbit.layers.kernel_report import kernels_in_use
 
 
@@ -52,7 +53,9 @@ def engine_info(llm) -> dict:
     return {"kv_bits": c.kv_bits, "block_size": c.block_size, "num_kv_blocks": runner.num_blocks,
             "kv_tokens": runner.num_blocks * c.block_size, "kv_cache_bytes": runner.cache.num_bytes,
             "max_model_len": c.max_model_len, "max_batch_size": c.max_batch_size,
-            "cuda_graphs": runner.graph_status, "kernels": kernels_in_use(runner.model, runner.cache)}
+            "cuda_graphs": runner.graph_status, "kernels": kernels_in_use(runner.model, runner.cache),
+            # which config the tuner chose per (kernel, shape bucket): e.g. gemvc = the CUDA gemv
+            "tuned_kernels": [{"key": e["key"], "best": e["best"], "best_ms": e["best_ms"]} for e in TUNE_LOG]}
 
 
 def run_wave(engine, prompts: list[list[int]], output_len: int) -> dict:

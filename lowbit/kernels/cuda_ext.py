@@ -34,7 +34,7 @@ def w4a16_gemv_module():
     source = (_CSRC / "w4a16_gemv.cu").read_text()
     decl = ("void w4a16_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros, "
             "torch::Tensor out, torch::Tensor partials, torch::Tensor locks, int64_t kx, int64_t group_planes, "
-            "int64_t split, int64_t warps, int64_t cols, bool pdl);")
+            "int64_t split, int64_t warps, int64_t cols, int64_t depth, bool pdl);")
     try:
         return load_inline(name="lowbit_w4a16_gemv", cpp_sources=[decl], cuda_sources=[source],
                            functions=["w4a16_gemv"], extra_cuda_cflags=["-O3", "-gencode=arch=compute_90,code=sm_90"],

@@ -278,7 +278,7 @@ class Config(NamedTuple):
     kind: str  # 'gemv' | 'gemvf' (fold gemv) | 'gemvh' (fp16x2 fold gemv) | 'gemvc' (CUDA C++ gemv) | 'mmh' | 'mmt' (swapped mmh) | 'mm' | 'dq'
     BM: int = 16
     BN: int = 64
-    U: int = 1  # blocks (E planes each) per loop iteration
+    U: int = 1  # blocks (E planes each) per loop iteration; gemvc: blocks in flight a warp
     split: int = 1  # K splits (second grid axis); > 1: the last split of a tile sums the partials
     warps: int = 4
     stages: int = 3
@@ -312,15 +312,15 @@ _GEMVC_MAX_BLOCKS = 128  # blocks of K per program: their x (256 bytes each) plu
 
 
 def _gemvc_candidates(n: int, nb: int, sms: int) -> list[Config]:
-    """Programs of BN = 32, 64 or 128 columns (1, 2 or 4 a lane) and 8 or 16 warps over K (8 for 4
-    columns a lane: 16 would spill registers); K split across programs only as far as needed to
-    give every SM one."""
+    """Programs of BN = 32, 64 or 128 columns (1, 2 or 4 a lane) and 8 or 16 warps over K, U = 2 or
+    4 blocks in flight a warp (the built pairs: more would spill registers); K split across
+    programs only as far as needed to give every SM one."""
     out = []
-    for bn in (32, 64, 128):
+    for bn, depths, warps in ((32, (4, 2), (8, 16)), (64, (2,), (8, 16)), (128, (2,), (8,))):
         tiles = triton.cdiv(n, bn)
         least = triton.cdiv(nb, _GEMVC_MAX_BLOCKS)
         splits = dict.fromkeys((least, max(least, min(nb // 2, triton.cdiv(sms, tiles)))))
-        out += [Config("gemvc", 1, bn, 1, s, warps, 1) for warps in ((8,) if bn == 128 else (8, 16)) for s in splits]
+        out += [Config("gemvc", 1, bn, u, s, w, 1) for u in depths for w in warps for s in splits]
     return out
 
 
@@ -419,7 +419,7 @@ def _launch(cfg: Config, x2: torch.Tensor, w: W4A16Weight, out: torch.Tensor) ->
             num_warps=cfg.warps, num_stages=cfg.stages, **launch_options(x2.device))
     elif cfg.kind == "gemvc":
         cuda_ext.w4a16_gemv_module().w4a16_gemv(x2, qw, s, z, out, ws, w.locks, kx, w.group_planes, split,
-                                                cfg.warps, cfg.BN // 32, use_pdl(x2.device))
+                                                cfg.warps, cfg.BN // 32, cfg.U, use_pdl(x2.device))
     elif cfg.kind == "gemvh":
         _gemv_h2_kernel[(triton.cdiv(n, cfg.BN), split)](
             x2, qw, s, z, out, ws, w.locks, n, kx, s.shape[0], nb, bps, split, qw.stride(0), s.stride(0),

@@ -17,6 +17,7 @@ TORCH_PACKED = cpu_weights.PATHS["cache"]  # the CPU's default path for AWQ / GP
 TORCH_ATTENTION = {"kv_write": "torch index_copy_", "attention_decode": "torch sdpa (padded batch)",
                    "attention_prefill": "torch sdpa (per sequence)"}
 W4A16 = "triton w4a16_matmul"
+W4A16_CUDA = "w4a16_matmul: CUDA C++ gemv at batch 1 (kernels/csrc/w4a16_gemv.cu), Triton above it"
 # compressed-tensors W8A8 layers (layers/w8a8_linear.py): a PyTorch reference everywhere until the
 # Triton int8 / fp8 GEMMs land
 TORCH_W8A8 = {"w8a8": "torch int8 reference (exact int32 accumulation)",
@@ -58,7 +59,14 @@ def _linear(method: LinearMethod) -> str:
     if method.name in TORCH_W8A8:
         return TORCH_W8A8[method.name]
     # a packed format holds the W4A16 kernel's weight once after_load found the kernel (CUDA only)
-    return W4A16 if getattr(method, "_kernel_weight", None) else TORCH_PACKED
+    weight = getattr(method, "_kernel_weight", None)
+    return _w4a16_label(weight.qweight_int32_kxn.device) if weight else TORCH_PACKED
+
+
+def _w4a16_label(device: torch.device) -> str:
+    from lowbit.kernels import cuda_ext
+
+    return W4A16_CUDA if cuda_ext.enabled(device) else W4A16
 
 
 def kernels_in_use(model, cache=None) -> dict:
@@ -101,7 +109,7 @@ def planned_kernels(fmt: str, bits: int | None, device: torch.device) -> dict:
         except Exception as e:  # what the layer would raise when it loads
             linear[fmt] = f"error: lowbit.kernels.w4a16 failed to import ({type(e).__name__}: {e})"
         else:
-            linear[fmt] = W4A16 if bits in w4a16.SUPPORTED_BITS else TORCH_PACKED
+            linear[fmt] = _w4a16_label(device) if bits in w4a16.SUPPORTED_BITS else TORCH_PACKED
     return {"linear": {**linear, "dense": TORCH_DENSE}, **elementwise, **attention}
 
 

@@ -123,11 +123,12 @@ __device__ __forceinline__ void dot_block(const Block<kCols>& blk, const uint4* 
 }
 
 // A program owns 32 * kCols output columns (kCols adjacent ones per lane) and the blocks
-// [b_start, b_end) of K; its warps take every kWarps-th block, each loading the next block's codes
-// while it computes on the current one. The first block is requested before the program waits for
-// the kernel before it (programmatic dependent launch), as it reads nothing that kernel writes; the
+// [b_start, b_end) of K; its warps take every kWarps-th block and keep kDepth blocks of codes in
+// flight (a ring of registers, refilled as each block is consumed): a warp's few blocks then cost one
+// memory latency, not one each. The first kDepth blocks are requested before the program waits for
+// the kernel before it (programmatic dependent launch), as they are nothing that kernel writes; the
 // next kernel may launch once the weights are read.
-template <int kWarps, int kCols>
+template <int kWarps, int kCols, int kDepth>
 __global__ void __launch_bounds__(kWarps * 32)
 w4a16_gemv_kernel(const half* __restrict__ x, const uint32_t* __restrict__ qweight,
                   const half* __restrict__ scales, const half* __restrict__ zeros,
@@ -143,10 +144,14 @@ w4a16_gemv_kernel(const half* __restrict__ x, const uint32_t* __restrict__ qweig
   const bool live = n0 < n;
   const int b_start = s * blocks_per_split;
   const int b_end = min(b_start + blocks_per_split, n_blocks);
+  const int b_first = b_start + warp;
 
-  Block<kCols> cur, next;
-  int b = b_start + warp;
-  if (live && b < b_end) load_block(cur, qweight, scales, zeros, b, n, n0, group_planes);
+  Block<kCols> ring[kDepth];
+#pragma unroll
+  for (int d = 0; d < kDepth; ++d) {
+    const int b = b_first + d * kWarps;
+    if (live && b < b_end) load_block(ring[d], qweight, scales, zeros, b, n, n0, group_planes);
+  }
 
   // programmatic dependent launch (a no-op without it): wait for the kernel before, which wrote x
   asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -179,10 +184,16 @@ w4a16_gemv_kernel(const half* __restrict__ x, const uint32_t* __restrict__ qweig
 #pragma unroll
   for (int c = 0; c < kCols; ++c) acc[c] = 0.f;
   if (live) {
-    for (; b < b_end; b += kWarps) {
-      if (b + kWarps < b_end) load_block(next, qweight, scales, zeros, b + kWarps, n, n0, group_planes);
-      dot_block(cur, x_rows + (b - b_start) * kRows, acc);
-      cur = next;
+    for (int base = b_first; base < b_end; base += kDepth * kWarps) {
+#pragma unroll
+      for (int d = 0; d < kDepth; ++d) {
+        const int b = base + d * kWarps;
+        if (b < b_end) {
+          dot_block(ring[d], x_rows + (b - b_start) * kRows, acc);
+          if (b + kDepth * kWarps < b_end)
+            load_block(ring[d], qweight, scales, zeros, b + kDepth * kWarps, n, n0, group_planes);
+        }
+      }
     }
   }
   // the weights are read: let the next kernel launch (and prefetch) while the sums are reduced
@@ -229,7 +240,7 @@ w4a16_gemv_kernel(const half* __restrict__ x, const uint32_t* __restrict__ qweig
   }
 }
 
-template <int kWarps, int kCols>
+template <int kWarps, int kCols, int kDepth>
 void launch(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
             const torch::Tensor& zeros, torch::Tensor& out, torch::Tensor& partials, torch::Tensor& locks,
             int kx, int group_planes, int split, bool pdl) {
@@ -252,7 +263,7 @@ void launch(const torch::Tensor& x, const torch::Tensor& qweight, const torch::T
   cfg.attrs = attr;
   cfg.numAttrs = pdl ? 1 : 0;
   const cudaError_t err = cudaLaunchKernelEx(
-      &cfg, w4a16_gemv_kernel<kWarps, kCols>, reinterpret_cast<const half*>(x.data_ptr()),
+      &cfg, w4a16_gemv_kernel<kWarps, kCols, kDepth>, reinterpret_cast<const half*>(x.data_ptr()),
       reinterpret_cast<const uint32_t*>(qweight.data_ptr()), reinterpret_cast<const half*>(scales.data_ptr()),
       reinterpret_cast<const half*>(zeros.data_ptr()), reinterpret_cast<half*>(out.data_ptr()),
       split > 1 ? partials.data_ptr<float>() : nullptr, locks.data_ptr<int>(), n, kx, n_blocks, bps, split,
@@ -261,30 +272,33 @@ void launch(const torch::Tensor& x, const torch::Tensor& qweight, const torch::T
 }
 
 template <int kWarps>
-void launch_cols(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
-                 const torch::Tensor& zeros, torch::Tensor& out, torch::Tensor& partials, torch::Tensor& locks,
-                 int kx, int group_planes, int split, int cols, bool pdl) {
-  switch (cols) {
-    case 1: launch<kWarps, 1>(x, qweight, scales, zeros, out, partials, locks, kx, group_planes, split, pdl); break;
-    case 2: launch<kWarps, 2>(x, qweight, scales, zeros, out, partials, locks, kx, group_planes, split, pdl); break;
-    case 4:
-      if constexpr (kWarps <= 8) {  // 16 warps of 4 double-buffered columns would spill registers
-        launch<kWarps, 4>(x, qweight, scales, zeros, out, partials, locks, kx, group_planes, split, pdl);
-        break;
-      }
-      [[fallthrough]];
-    default: TORCH_CHECK(false, "w4a16_gemv: ", kWarps, " warps of ", cols, " columns a lane are not built");
+void launch_shape(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
+                  const torch::Tensor& zeros, torch::Tensor& out, torch::Tensor& partials, torch::Tensor& locks,
+                  int kx, int group_planes, int split, int cols, int depth, bool pdl) {
+  // the built (columns a lane, blocks in flight) pairs: more would spill registers
+  if (cols == 1 && depth == 4) {
+    launch<kWarps, 1, 4>(x, qweight, scales, zeros, out, partials, locks, kx, group_planes, split, pdl);
+  } else if (cols == 1 && depth == 2) {
+    launch<kWarps, 1, 2>(x, qweight, scales, zeros, out, partials, locks, kx, group_planes, split, pdl);
+  } else if (cols == 2 && depth == 2) {
+    launch<kWarps, 2, 2>(x, qweight, scales, zeros, out, partials, locks, kx, group_planes, split, pdl);
+  } else if constexpr (kWarps <= 8) {
+    TORCH_CHECK(cols == 4 && depth == 2, "w4a16_gemv: ", cols, " columns a lane with ", depth, " blocks in flight are not built");
+    launch<kWarps, 4, 2>(x, qweight, scales, zeros, out, partials, locks, kx, group_planes, split, pdl);
+  } else {
+    TORCH_CHECK(false, "w4a16_gemv: ", kWarps, " warps of ", cols, " columns a lane, ", depth, " blocks in flight are not built");
   }
 }
 
 }  // namespace
 
-// out[N] = x[kx] @ dequant(W).T, 32 * cols output columns per program of `warps` warps, K split over
+// out[N] = x[kx] @ dequant(W).T, 32 * cols output columns per program of `warps` warps, each warp
+// with `depth` blocks of codes in flight, K split over
 // `split` programs (fp32 partials [split, N] and int32 zero locks, one per program column; unused
 // when split == 1)
 void w4a16_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros,
                 torch::Tensor out, torch::Tensor partials, torch::Tensor locks, int64_t kx,
-                int64_t group_planes, int64_t split, int64_t warps, int64_t cols, bool pdl) {
+                int64_t group_planes, int64_t split, int64_t warps, int64_t cols, int64_t depth, bool pdl) {
   TORCH_CHECK(x.is_cuda() && x.scalar_type() == at::kHalf && x.is_contiguous(), "w4a16_gemv: x must be contiguous fp16 on the GPU");
   TORCH_CHECK(qweight.scalar_type() == at::kInt && qweight.is_contiguous() && qweight.size(0) % kRows == 0,
               "w4a16_gemv: qweight must be contiguous int32 [K_pad / 8, N] with K_pad a multiple of 128");
@@ -298,11 +312,11 @@ void w4a16_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, to
   TORCH_CHECK(x.numel() >= kx && kx <= qweight.size(0) * 8, "w4a16_gemv: x is shorter than kx");
   TORCH_CHECK(split >= 1, "w4a16_gemv: split must be >= 1");
   const int k = static_cast<int>(kx), gp = static_cast<int>(group_planes), sp = static_cast<int>(split);
-  const int c = static_cast<int>(cols);
+  const int c = static_cast<int>(cols), d = static_cast<int>(depth);
   switch (warps) {
-    case 4: launch_cols<4>(x, qweight, scales, zeros, out, partials, locks, k, gp, sp, c, pdl); break;
-    case 8: launch_cols<8>(x, qweight, scales, zeros, out, partials, locks, k, gp, sp, c, pdl); break;
-    case 16: launch_cols<16>(x, qweight, scales, zeros, out, partials, locks, k, gp, sp, c, pdl); break;
+    case 4: launch_shape<4>(x, qweight, scales, zeros, out, partials, locks, k, gp, sp, c, d, pdl); break;
+    case 8: launch_shape<8>(x, qweight, scales, zeros, out, partials, locks, k, gp, sp, c, d, pdl); break;
+    case 16: launch_shape<16>(x, qweight, scales, zeros, out, partials, locks, k, gp, sp, c, d, pdl); break;
     default: TORCH_CHECK(false, "w4a16_gemv: warps must be 4, 8 or 16, got ", warps);
   }
 }
