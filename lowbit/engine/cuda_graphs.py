@@ -77,16 +77,20 @@ class DecodeGraphs:
     def _capture(self, b: int) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
         """-> replay(), which reruns the step on the static inputs' rows [:b] and returns the
         static (logits [b, vocab], greedy tokens [b])."""
-        # warm-up outside the capture: Triton compiles and tunes on its first call
-        self.forward(self.input_ids[:b], self.positions[:b])
-        torch.cuda.synchronize()
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = self.forward(self.input_ids[:b], self.positions[:b])
-            greedy = logits.argmax(-1)
-        torch.cuda.synchronize()
+        from lowbit.kernels import pdl  # Triton: only where graphs are captured (a GPU)
+
+        # programmatic dependent launch pays at batch 1 and costs at larger batches (kernels/pdl.py)
+        with pdl.allowed(b == 1):
+            # warm-up outside the capture: Triton compiles and tunes on its first call
+            self.forward(self.input_ids[:b], self.positions[:b])
+            torch.cuda.synchronize()
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                logits = self.forward(self.input_ids[:b], self.positions[:b])
+                greedy = logits.argmax(-1)
+            torch.cuda.synchronize()
 
         def replay():
             graph.replay()
