@@ -255,3 +255,19 @@ def test_cli_refuses_bad_w8a8_options_before_any_work(tmp_path):
     r = run_cli("quantize", "rtn", "default", "--work-dir", str(tmp_path / "o"), "--act-scheme", "static")
     assert r.returncode == 2 and "act_scheme apply to smoothquant / w8a8 / fp8 only" in r.stderr, r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_dummy_w8a8_weights_for_speed_runs():
+    """`--dummy-weights --w-bits 8`: every projection a W8A8 int8 layer with weights of the dense
+    dummies' scale, and the model runs (finite logits)."""
+    from lowbit.loading.dummy import INIT_STD, build_dummy_model
+
+    model, _, ckpt = build_dummy_model("tiny", 8, device="cpu")
+    layers = [m for m in model.modules() if getattr(m, "method", None) is not None and m.method.name != "dense"]
+    assert layers and all(m.method.name == "w8a8" and m.weight.dtype == torch.int8 for m in layers)
+    w = layers[0].method.dequantize(layers[0])
+    assert abs(float(w.std()) - INIT_STD) < 0.2 * INIT_STD
+    assert ckpt.quant["quant_method"] == "compressed-tensors"
+    with torch.inference_mode():
+        logits = model(torch.tensor([[1, 2, 3]]))
+    assert torch.isfinite(logits).all()

@@ -21,7 +21,7 @@ class ModelSpec:
     model: str = "default"
     dummy_weights: bool = False
     arch: str | None = None
-    w_bits: int = 16  # dummy weights: 16 (dense) or 4 (AWQ W4A16)
+    w_bits: int = 16  # dummy weights: 16 (dense), 8 (W8A8 int8) or 4 (AWQ W4A16)
     group_size: int = 128
     dtype: str = "auto"
     device: str | None = None
@@ -31,6 +31,8 @@ class ModelSpec:
         dtype = {"torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float32": "fp32"}.get(
             str(model.model.embed_tokens.weight.dtype) if model is not None else "", self.dtype)
         if self.dummy_weights:
+            if self.w_bits == 8:
+                return f"{self.arch} dummy W8A8 int8"
             return f"{self.arch} dummy " + (dtype if self.w_bits == 16 else f"W{self.w_bits}A16 g{self.group_size}")
         return self.model if model is None else f"{self.model} ({dtype})"
 

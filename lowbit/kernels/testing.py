@@ -15,7 +15,7 @@ import torch
 
 # dependency order: a module is reloaded after the modules whose kernels it calls
 _KERNEL_MODULES = ("w4a16", "kv_tile", "kv_write", "paged_attention", "prefill_attention", "rmsnorm", "rotary",
-                   "activation")
+                   "activation", "w8a8")
 
 
 def device_for_tests() -> torch.device:

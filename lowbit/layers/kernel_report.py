@@ -18,10 +18,12 @@ TORCH_ATTENTION = {"kv_write": "torch index_copy_", "attention_decode": "torch s
                    "attention_prefill": "torch sdpa (per sequence)"}
 W4A16 = "triton w4a16_matmul"
 W4A16_CUDA = "w4a16_matmul: CUDA C++ gemv at batch 1 (kernels/csrc/w4a16_gemv.cu), Triton above it"
-# compressed-tensors W8A8 layers (layers/w8a8_linear.py): a PyTorch reference everywhere until the
-# Triton int8 / fp8 GEMMs land
+# compressed-tensors W8A8 layers (layers/w8a8_linear.py): int8 runs the Triton GEMM on CUDA, fp8
+# its PyTorch reference everywhere until an fp8 GEMM lands
 TORCH_W8A8 = {"w8a8": "torch int8 reference (exact int32 accumulation)",
               "fp8": "torch fp8 e4m3 reference (fp32 accumulation)"}
+W8A8_CUDA = {"w8a8": "triton int8 GEMM (kernels/w8a8.py: per-token quantization, scales in the epilogue)",
+             "fp8": TORCH_W8A8["fp8"]}
 # norm.py, rotary.py and activation.py choose by device alone: Triton on CUDA, these elsewhere
 TORCH_BY_DEVICE = {"rmsnorm": "torch RMSNorm (fp32)", "rotary": "torch rotate_half",
                    "silu_and_mul": "torch F.silu * up"}
@@ -57,7 +59,8 @@ def _linear(method: LinearMethod) -> str:
     if method.name == "dense":
         return TORCH_DENSE
     if method.name in TORCH_W8A8:
-        return TORCH_W8A8[method.name]
+        on_gpu = getattr(method, "device_type", "cpu") == "cuda"
+        return (W8A8_CUDA if on_gpu else TORCH_W8A8)[method.name]
     # a packed format holds the W4A16 kernel's weight once after_load found the kernel (CUDA only)
     weight = getattr(method, "_kernel_weight", None)
     return _w4a16_label(weight.qweight_int32_kxn.device) if weight else TORCH_PACKED
@@ -102,7 +105,7 @@ def planned_kernels(fmt: str, bits: int | None, device: torch.device) -> dict:
         attention = attention_kernels(load_attention_kernels())
     except LowbitError as e:
         attention = dict.fromkeys(TORCH_ATTENTION, f"error: {e}")
-    linear = dict(w8a8)
+    linear = {fmt: W8A8_CUDA[fmt]} if fmt in W8A8_CUDA else {}
     if packed:
         try:
             from lowbit.kernels import w4a16

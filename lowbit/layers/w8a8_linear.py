@@ -9,8 +9,9 @@ The int8 product is computed exactly as an int8 x int8 -> int32 tensor-core GEMM
 values are integers of at most 2^7 in magnitude, so a float32 dot product over <= K_CHUNK columns
 is an integer below 2^24 and every partial sum is exact in float32, in any summation order (FMA
 included); the chunks are summed in int32. No compiler is needed, and the result is bit-exact to
-the integer product (tests/test_w8a8.py checks it against an int64 computation). The Triton GEMM
-that takes over on a GPU comes with its own reference beside it in lowbit/kernels/.
+the integer product (tests/test_w8a8.py checks it against an int64 computation). On a GPU int8
+layers run the Triton GEMM of lowbit/kernels/w8a8.py (its own reference beside it; the same
+integers, tests/test_kernels_w8a8.py); fp8 layers still run this reference there.
 """
 from __future__ import annotations
 
@@ -143,7 +144,14 @@ class W8A8LinearMethod(LinearMethod):
             layer.__dict__["_w_f32"] = kept
         return kept[2]
 
+    device_type = "cpu"  # where apply last ran (kernel_report names the path)
+
     def apply(self, layer, x):
+        self.device_type = x.device.type
+        if x.is_cuda and self.scheme.weight_type == "int":
+            from lowbit.kernels.w8a8 import w8a8_int8_matmul  # Triton: only where there is a GPU
+
+            return w8a8_int8_matmul(x, layer.weight, layer.w_scale_n, layer.bias, layer.x_scale_1)
         ref = w8a8_int8_ref if self.scheme.weight_type == "int" else w8a8_fp8_ref
         y = ref(x.reshape(-1, layer.in_features), self._weight_f32(layer), layer.w_scale_n, layer.x_scale_1)
         y = y.to(x.dtype).view(*x.shape[:-1], layer.out_features)

@@ -4,7 +4,8 @@ host. A loader like load_model (vLLM's DummyModelLoader sits beside its real loa
 
 W4A16 weights go the way a quantized checkpoint goes: random codes, scales and zeros (what a
 quantizer returns) are packed into AutoAWQ's GEMM tensors and handed to the `awq` LinearMethod,
-which unpacks them for its kernel exactly as after loading a checkpoint.
+which unpacks them for its kernel exactly as after loading a checkpoint. W8A8 (w_bits 8) fills a
+compressed-tensors int8 layer's tensors (int8 weights, per-channel scales, per-token activations).
 """
 from __future__ import annotations
 
@@ -15,12 +16,15 @@ import torch
 from lowbit.config import ModelConfig
 from lowbit.errors import LowbitError
 from lowbit.formats import awq_format
+from lowbit.formats.compressed_tensors import W8A8Scheme
 from lowbit.layers.formats import method_for_checkpoint
+from lowbit.layers.w8a8_linear import W8A8LinearMethod
 from lowbit.loading.loader import default_device, parse_dtype
 from lowbit.models.llama import LlamaModel
 from lowbit.models.presets import preset_config
 
-W_BITS = (16, 4)
+W_BITS = (16, 8, 4)
+W8A8_INT = W8A8Scheme("int", "channel", True)  # compressed-tensors int8: channel weights, dynamic tokens
 INIT_STD = 0.02  # HF's initializer_range: activations stay finite through 80 fp16 layers
 
 
@@ -51,8 +55,12 @@ class DummyCheckpoint:
     def __init__(self, config: ModelConfig, arch: str, w_bits: int, group_size: int):
         self.config = config
         self.source = f"dummy:{arch}"
-        self.quant = None if w_bits == 16 else {"quant_method": "awq", "bits": w_bits, "group_size": group_size,
-                                                "version": "gemm", "zero_point": True}
+        self.quant = None
+        if w_bits == 4:
+            self.quant = {"quant_method": "awq", "bits": w_bits, "group_size": group_size, "version": "gemm",
+                          "zero_point": True}
+        elif w_bits == 8:
+            self.quant = {"quant_method": "compressed-tensors", "format": "int-quantized"}
 
     def generation_config(self) -> dict:
         return {}
@@ -79,18 +87,29 @@ def _fill_quantized(layer, gen: torch.Generator) -> None:
 
 
 @torch.no_grad()
+def _fill_w8a8(layer, gen: torch.Generator) -> None:
+    """Random int8 weights with per-channel scales giving std ~INIT_STD (uniform codes: std ~73)."""
+    dev = layer.weight.device
+    layer.weight.copy_(torch.randint(-127, 128, layer.weight.shape, generator=gen, device=dev, dtype=torch.int8))
+    layer.weight_scale.fill_(INIT_STD / 73.3)
+    layer.method.after_load(layer)
+
+
+@torch.no_grad()
 def build_dummy_model(arch: str, w_bits: int = 16, group_size: int = 128, dtype: str | torch.dtype = "auto",
                       device: str | torch.device | None = None, seed: int = 0):
     """-> (model, tokenizer, checkpoint), the triple `LLM` takes, with random weights of `arch`'s
-    shapes made on `device`: fp16/bf16/fp32 (w_bits 16) or AWQ W4A16 (w_bits 4, `group_size`)."""
+    shapes made on `device`: fp16/bf16/fp32 (w_bits 16), W8A8 int8 (w_bits 8) or AWQ W4A16 (w_bits 4,
+    `group_size`)."""
     cfg = preset_config(arch)
     if w_bits not in W_BITS:
-        raise LowbitError(f"--w-bits {w_bits}: dummy weights are 16 (dense) or 4 (AWQ W4A16)")
+        raise LowbitError(f"--w-bits {w_bits}: dummy weights are 16 (dense), 8 (W8A8 int8) or 4 (AWQ W4A16)")
     device = torch.device(device) if device else default_device()
     if dtype == "auto":
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     dtype = parse_dtype(dtype)
-    method_for = _w4_method_for(group_size) if w_bits == 4 else (lambda _n, _i, _o: None)
+    method_for = {4: _w4_method_for(group_size), 8: lambda n, _i, _o: W8A8LinearMethod(W8A8_INT, n)}.get(
+        w_bits, lambda _n, _i, _o: None)
     if w_bits == 4:
         bad = [n for n in (cfg.hidden_size, cfg.intermediate_size) if n % group_size]
         if group_size != -1 and bad:
@@ -106,10 +125,11 @@ def build_dummy_model(arch: str, w_bits: int = 16, group_size: int = 128, dtype:
             p.zero_()
         else:
             p.normal_(0.0, INIT_STD, generator=gen)
-    if w_bits == 4:
+    if w_bits != 16:
+        fill = _fill_quantized if w_bits == 4 else _fill_w8a8
         for module in model.modules():
             if getattr(module, "method", None) is not None and module.method.name != "dense":
-                _fill_quantized(module, gen)
+                fill(module, gen)
     return model.eval(), DummyTokenizer(cfg.vocab_size), DummyCheckpoint(cfg, arch, w_bits, group_size)
 
 
