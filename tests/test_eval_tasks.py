@@ -93,3 +93,42 @@ def test_eval_tasks_cli_writes_json(tmp_path):
 def test_unknown_task_is_one_line():
     r = run_cli("eval", "tasks", "default", "--tasks", "no_such_task")
     assert r.returncode == 2 and "no_such_task" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_gsm8k_answers_are_extracted_and_matched_as_the_harness_does():
+    from lowbit.eval.gsm8k import INVALID, flexible_answer, is_correct, normalize, strict_answer
+
+    text = "She pays 2 * $1,200 = $2,400.\n#### 2,400\n\nThe answer is 2400."
+    assert strict_answer(text) == "2,400" and flexible_answer(text) == "2400."
+    assert is_correct(strict_answer(text), "... #### 2400") and is_correct(flexible_answer(text), "#### 2400")
+    assert normalize("Natalia sold 48/2 = 24 clips.\n#### 72") == "72"
+    assert strict_answer("no marker: 5") == INVALID and flexible_answer("no digits") == INVALID
+    assert not is_correct(INVALID, "#### 5") and not is_correct("-5", "#### 5")
+
+
+def test_gsm8k_prompt_is_the_harness_format():
+    from lowbit.eval.gsm8k import build_prompt
+
+    shots = [{"question": "Q1?", "answer": "A1\n#### 1"}, {"question": "Q2?", "answer": "#### 2"}]
+    assert build_prompt("Q3?", shots) == "Question: Q1?\nAnswer: A1\n#### 1\n\nQuestion: Q2?\nAnswer: #### 2\n\nQuestion: Q3?\nAnswer:"
+
+
+def test_gsm8k_generates_through_the_engine(smol):
+    """Two questions, one exemplar, batched in the engine: each sample's extractions are those of its
+    text, generation stopped before the next "Question:", and the batched text is what one request
+    alone generates (greedy)."""
+    from lowbit.engine.llm import LLM
+    from lowbit.engine.sampling_params import SamplingParams
+    from lowbit.eval.gsm8k import STOP, build_prompt, flexible_answer, strict_answer
+    from lowbit.eval.gsm8k import evaluate_gsm8k
+
+    res = evaluate_gsm8k(smol, limit=2, num_fewshot=1, batch_size=2, max_new_tokens=16, show_progress=False)
+    assert (res.task, res.n, res.total, res.num_fewshot) == ("gsm8k", 2, 3, 1)
+    assert 0.0 <= res.acc <= 1.0 and 0.0 <= res.acc_norm <= 1.0
+    for s in res.samples:
+        assert s["strict"] == strict_answer(s["text"]) and s["flexible"] == flexible_answer(s["text"])
+        assert "Question:" not in s["text"]
+    data = load_task("gsm8k")
+    alone = LLM(smol, max_batch_size=1).generate(build_prompt(data.rows[1]["question"], data.fewshot[:1]),
+                                                 SamplingParams(max_tokens=16, stop=STOP))
+    assert alone[0].text == res.samples[1]["text"]

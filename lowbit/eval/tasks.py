@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 from lowbit.errors import LowbitError
 
-TASKS = ("hellaswag", "arc_challenge", "piqa", "boolq", "mmlu")
+TASKS = ("hellaswag", "arc_challenge", "piqa", "boolq", "mmlu", "gsm8k")  # gsm8k: generative (gsm8k.py)
 
 
 @dataclass
@@ -28,6 +28,7 @@ class TaskResult:
     seconds: float
     files: dict[str, str] = field(default_factory=dict)  # data file -> sha256
     groups: dict[str, dict] = field(default_factory=dict)  # mmlu: per subject {n, acc}
+    samples: list[dict] = field(default_factory=list)  # gsm8k: per question what was generated and extracted
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -45,9 +46,6 @@ def mean_stderr(xs: list[float]) -> tuple[float, float]:
 def parse_tasks(spec: str) -> list[str]:
     names = [t.strip() for t in spec.split(",") if t.strip()]
     for t in names:
-        if t == "gsm8k":
-            raise LowbitError("gsm8k (generative, 8-shot chain of thought) is not implemented yet; "
-                              f"choose from {', '.join(TASKS)}")
         if t not in TASKS:
             raise LowbitError(f"unknown task {t!r}; choose from {', '.join(TASKS)}")
     if not names:
