@@ -46,6 +46,7 @@ class KLDResult:
     reference: str  # the reference model as named, or the saved-logits file
     top_k: int | None  # k of the saved reference (None: full distributions)
     seconds: float
+    kv_bits: int = 16  # KV cache the model attended through (16: none; the reference never does)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,18 +92,21 @@ def _stats(kl: np.ndarray, same: np.ndarray, nll_model: float, nll_ref: float) -
 
 @torch.no_grad()
 def kld_windows(model, windows: torch.Tensor, reference=None, saved=None, save_k: int | None = None,
-                device=None, progress=None):
+                device=None, progress=None, kv_bits: int = 16):
     """Per-token KL(reference || model) and top-1 agreement over windows [n, seqlen].
     reference: a loaded model, or saved: a logit_store.SavedLogits. With save_k, also returns the
     reference's top-k rows (for logit_store.save). Returns (kl [tokens] float64, same [tokens] bool,
-    nll_model, nll_ref, saved_rows or None)."""
+    nll_model, nll_ref, saved_rows or None). kv_bits 8 / 4: the model (not the reference) attends
+    through a quantized paged KV cache (eval/kv_forward.py)."""
+    from lowbit.eval.kv_forward import kv_cache_logits
+
     device = device or next(model.parameters()).device
     kls, sames, rows = [], [], []
     nll_m = nll_r = 0.0
     for w in range(windows.shape[0]):
         x = windows[w:w + 1].to(device)
         targets = x[0, 1:]
-        logits = model(x)[0, :-1]  # [seqlen - 1, vocab]
+        logits = (model(x) if kv_bits == 16 else kv_cache_logits(model, x, kv_bits))[0, :-1]  # [seqlen - 1, vocab]
         ref_logits = reference(windows[w:w + 1].to(next(reference.parameters()).device))[0, :-1].to(device) \
             if reference is not None else None
         if ref_logits is not None and ref_logits.shape[-1] != logits.shape[-1]:
@@ -141,7 +145,7 @@ def kld_windows(model, windows: torch.Tensor, reference=None, saved=None, save_k
 
 def kl_divergence(model, tokenizer, reference=None, saved=None, dataset: str = "wikitext2", seqlen: int = 2048,
                   limit: int | None = None, save_logits=None, save_k: int = 64, device=None,
-                  show_progress: bool = True, meta: dict | None = None) -> KLDResult:
+                  show_progress: bool = True, meta: dict | None = None, kv_bits: int = 16) -> KLDResult:
     """KL(reference || model) on `dataset`'s eval windows; reference is a model or a saved file
     (lowbit.eval.logit_store.load), whose own windows are then used."""
     from lowbit.eval.datasets import load_text, resolve
@@ -165,7 +169,7 @@ def kl_divergence(model, tokenizer, reference=None, saved=None, dataset: str = "
     try:
         kl, same, nll_m, nll_r, rows = kld_windows(model, windows, reference, saved,
                                                    save_k if save_logits else None, device,
-                                                   bar.update if bar else None)
+                                                   bar.update if bar else None, kv_bits)
     finally:
         if bar is not None:
             bar.close()
@@ -173,4 +177,4 @@ def kl_divergence(model, tokenizer, reference=None, saved=None, dataset: str = "
         save(save_logits, windows, rows, dict(meta or {}, dataset=dataset, source=source, seqlen=seqlen, k=save_k))
     st = _stats(kl, same, nll_m, nll_r)
     return KLDResult(dataset, source, seqlen, windows.shape[0], reference=(meta or {}).get("reference", "model") if saved is None else str(saved.path),
-                     top_k=None if saved is None else saved.k, seconds=time.time() - t0, **st)
+                     top_k=None if saved is None else saved.k, seconds=time.time() - t0, kv_bits=kv_bits, **st)

@@ -28,6 +28,7 @@ class PerplexityResult:
     nll: float  # mean negative log-likelihood per scored token (nats)
     ppl: float
     seconds: float
+    kv_bits: int = 16  # KV cache the windows attended through (16: none)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,12 +50,17 @@ def token_windows(token_ids: list[int] | torch.Tensor, seqlen: int, limit: int |
 
 
 @torch.no_grad()
-def window_nll(model, windows: torch.Tensor, device, batch_size: int = 1, progress=None) -> tuple[float, int]:
-    """Summed next-token NLL (float64) over `windows` [n, seqlen] and the number of tokens scored."""
+def window_nll(model, windows: torch.Tensor, device, batch_size: int = 1, progress=None,
+               kv_bits: int = 16) -> tuple[float, int]:
+    """Summed next-token NLL (float64) over `windows` [n, seqlen] and the number of tokens scored;
+    kv_bits 8 / 4: attention through a quantized paged KV cache (eval/kv_forward.py), a window at a time."""
+    from lowbit.eval.kv_forward import kv_cache_logits
+
     total, count = 0.0, 0
-    for s in range(0, windows.shape[0], batch_size):
-        x = windows[s:s + batch_size].to(device)
-        logits = model(x)[:, :-1].float()  # [b, seqlen - 1, vocab]
+    step = batch_size if kv_bits == 16 else 1
+    for s in range(0, windows.shape[0], step):
+        x = windows[s:s + step].to(device)
+        logits = (model(x) if kv_bits == 16 else kv_cache_logits(model, x, kv_bits))[:, :-1].float()
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
                                                 reduction="sum")
         total += float(nll)
@@ -65,7 +71,7 @@ def window_nll(model, windows: torch.Tensor, device, batch_size: int = 1, progre
 
 
 def perplexity(model, tokenizer, dataset: str = "wikitext2", seqlen: int = 2048, limit: int | None = None,
-               batch_size: int = 1, device=None, show_progress: bool = True) -> PerplexityResult:
+               batch_size: int = 1, device=None, show_progress: bool = True, kv_bits: int = 16) -> PerplexityResult:
     """Perplexity of `model` on the eval split of `dataset` (see lowbit.eval.datasets)."""
     from lowbit.eval.datasets import load_text, resolve
 
@@ -86,9 +92,9 @@ def perplexity(model, tokenizer, dataset: str = "wikitext2", seqlen: int = 2048,
 
     t0 = time.time()
     try:
-        nll, count = window_nll(model, windows, device, batch_size, progress if bar else None)
+        nll, count = window_nll(model, windows, device, batch_size, progress if bar else None, kv_bits)
     finally:
         if bar is not None:
             bar.close()
     return PerplexityResult(dataset, split.describe(), seqlen, windows.shape[0], total_windows, count,
-                            nll / count, math.exp(nll / count), time.time() - t0)
+                            nll / count, math.exp(nll / count), time.time() - t0, kv_bits)
