@@ -28,17 +28,19 @@ def wait_up(url: str, proc: subprocess.Popen | None = None, timeout: float = 240
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
-            time.sleep(0.5)
+            pass  # not listening yet
+        time.sleep(0.2)  # loading, or 503 while the engine warms up
     raise RuntimeError(f"{url} did not come up in {timeout}s")
 
 
 @contextlib.contextmanager
-def lowbit_server(*args: str, while_it_loads=None):
-    """`lowbit serve default --port P ARGS` in its own process; yields its base URL once /health
-    answers. while_it_loads() runs meanwhile (e.g. loading the test's own copy of the model)."""
+def lowbit_server(*args: str, while_it_loads=None, model: str = "default"):
+    """`lowbit serve MODEL --port P ARGS` in its own process; yields its base URL once /health
+    answers 200. while_it_loads() runs meanwhile (e.g. loading the test's own copy of the model)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "lowbit.cli", "serve", "default", "--port", str(port), *args],
+    proc = subprocess.Popen([sys.executable, "-m", "lowbit.cli", "serve", *([model] if model else []), "--port", str(port),
+                             *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:

@@ -11,13 +11,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import openai  # a test dependency: a missing one fails the module, as a broken install should
 import pytest
 
 from conftest import run_cli
 from serve_helpers import (free_port, lowbit_server, metrics, start_streaming_client, stream_text, wait_metrics,
                            wait_up)
-
-openai = pytest.importorskip("openai")
 
 GREEDY = {"temperature": 0.0, "max_tokens": 24}
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -71,6 +70,39 @@ def test_models_chat_stream_and_usage(client, model_id, smol):
     short = client.chat.completions.create(model=model_id, messages=QUESTION, temperature=0, max_completion_tokens=3)
     assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
     assert text.startswith(short.choices[0].message.content)
+
+
+def test_continuous_usage_stats_count_up_on_every_chunk(client, model_id, smol):
+    _, tok, _ = smol
+    prompt_tokens = len(tok.encode_chat(QUESTION))
+    chunks = list(client.chat.completions.create(
+        model=model_id, messages=QUESTION, stream=True, max_tokens=6, temperature=0,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    assert all(c.usage is not None and c.usage.prompt_tokens == prompt_tokens for c in chunks)
+    done = [c.usage.completion_tokens for c in chunks]
+    assert done == sorted(done) and done[0] == 0 and done[-1] == 6
+    assert all(c.usage.total_tokens == prompt_tokens + c.usage.completion_tokens for c in chunks)
+    plain = list(client.completions.create(model=model_id, prompt="The capital of France is", max_tokens=4,
+                                           temperature=0, stream=True, stream_options={"continuous_usage_stats": True}))
+    assert [c.usage.completion_tokens for c in plain][-1] == 4 and all(c.usage for c in plain)
+    assert all(c.choices for c in plain)  # no usage-only last chunk without include_usage
+
+
+def test_logit_bias_bans_and_forces_tokens(client, model_id, smol):
+    _, tok, _ = smol
+    plain = client.chat.completions.create(model=model_id, messages=QUESTION, temperature=0, max_tokens=3)
+    first = tok.encode(plain.choices[0].message.content, add_special_tokens=False)[0]
+    banned = client.chat.completions.create(model=model_id, messages=QUESTION, temperature=0, max_tokens=3,
+                                            logit_bias={str(first): -100})
+    assert tok.encode(banned.choices[0].message.content, add_special_tokens=False)[0] != first
+    forced_id = tok.encode(" banana", add_special_tokens=False)[0]
+    forced = client.completions.create(model=model_id, prompt="The capital of France is", max_tokens=3,
+                                       temperature=0.7, seed=1, logit_bias={str(forced_id): 100})
+    assert forced.choices[0].text == tok.decode([forced_id] * 3)
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        client.chat.completions.create(model=model_id, messages=QUESTION, max_tokens=3, logit_bias={"-5": 1})
+    with pytest.raises(openai.BadRequestError, match=r"outside \[-100, 100\]"):
+        client.chat.completions.create(model=model_id, messages=QUESTION, max_tokens=3, logit_bias={"5": 300})
 
 
 def test_completion_stop_n_seed_penalties_logprobs(client, model_id, smol):

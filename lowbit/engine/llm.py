@@ -97,10 +97,15 @@ class LLM:
 
     @property
     def async_engine(self):
+        return self.start_async()
+
+    def start_async(self, warm_up: bool = False):
+        """The async engine (the server's), started on first call; warm_up: run one request through
+        the model before the others (its `ready` event says when that is done)."""
         if self._async is None:
             from lowbit.engine.async_engine import AsyncEngine
 
-            self._async = AsyncEngine(self.engine)
+            self._async = AsyncEngine(self.engine, warm_up)
         return self._async
 
     async def stream(self, prompt: Prompt, params: SamplingParams | None = None,

@@ -39,9 +39,10 @@ class LLMEngine:
 
     # -- requests ----------------------------------------------------------------------------
     def make_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
-                     sink: Callable[[RequestOutput], None] | None = None) -> RequestState:
+                     sink: Callable[[RequestOutput], None] | None = None, detokenize: bool = True) -> RequestState:
         """Checks and tokenizes a request without touching the engine's state; LowbitError says
-        what is wrong with it."""
+        what is wrong with it. detokenize=False: outputs carry token ids only, no text, and a stop
+        string is the listener's to find (it aborts the request then)."""
         params = params or SamplingParams()
         request_id = self.new_request_id() if request_id is None else str(request_id)
         text = prompt if isinstance(prompt, str) else None
@@ -51,11 +52,13 @@ class LLMEngine:
             raise LowbitError(f"{where}: empty prompt")
         if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in ids):
             raise LowbitError(f"{where}: prompt token ids must be integers in [0, {self.vocab_size})")
+        if any(not 0 <= t < self.vocab_size for t in params.logit_bias):  # would fail the whole step
+            raise LowbitError(f"{where}: logit_bias token ids must be in [0, {self.vocab_size})")
         if len(ids) > self.config.max_model_len:
             raise LowbitError(f"{where}: prompt has {len(ids)} tokens, more than max_model_len="
                               f"{self.config.max_model_len}; shorten it or raise max_model_len")
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
-        return RequestState(Sequence(request_id, ids, params, stop_ids), text, self.tokenizer, sink)
+        return RequestState(Sequence(request_id, ids, params, stop_ids), text, self.tokenizer, sink, detokenize)
 
     def new_request_id(self) -> str:
         return str(next(self._next_id))

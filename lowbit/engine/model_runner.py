@@ -176,7 +176,8 @@ class ModelRunner:
         tokens, logprobs = [None] * len(batch), [None] * len(batch)
         if not sampling:
             return tokens, logprobs
-        if all(s.params.greedy and not s.params.has_penalties and s.params.logprobs is None for s in sampling):
+        if all(s.params.greedy and not s.params.has_penalties and not s.params.logit_bias and s.params.logprobs is None
+               for s in sampling):
             # the sampler's greedy rows, without building its batch: the common decode step
             new, lps = (greedy if greedy is not None else logits.argmax(-1)), None
         else:

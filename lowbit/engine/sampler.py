@@ -1,7 +1,7 @@
 """Next tokens for a whole batch at once, on the logits' device: penalties, temperature, min-p,
 top-k, top-p, each row with its own settings, and per-request seeds.
 
-Order as in vLLM: penalties on the raw logits, then temperature, min-p against the top
+Order as in vLLM: logit bias, penalties, then temperature, min-p against the top
 probability, top-k, top-p over what top-k kept. Greedy rows take the argmax after penalties.
 Drawing uses the exponential-race form of multinomial sampling (argmax of p / E with E ~ Exp(1)),
 so a seeded row draws its noise from its own generator and its tokens do not depend on which
@@ -30,6 +30,7 @@ class SamplingBatch:
     frequency: torch.Tensor | None = None  # [B] fp32
     prompt_mask: torch.Tensor | None = None  # [B, vocab] bool: token is in the prompt
     output_counts: torch.Tensor | None = None  # [B, vocab] fp32: times generated so far
+    logit_bias: torch.Tensor | None = None  # [B, vocab] fp32, None when no row has one
 
     @classmethod
     def build(cls, seqs: list[Sequence], generators: list[torch.Generator | None], vocab_size: int,
@@ -47,6 +48,12 @@ class SamplingBatch:
             generators=generators,
             num_logprobs=[p.logprobs for p in ps],
         )
+        if any(p.logit_bias for p in ps):
+            bias = torch.zeros(len(ps), vocab_size)
+            for i, p in enumerate(ps):
+                for t, v in p.logit_bias.items():
+                    bias[i, t] = v
+            batch.logit_bias = bias.to(device)
         if any(p.has_penalties for p in ps):
             batch.repetition = col([p.repetition_penalty for p in ps])
             batch.presence = col([p.presence_penalty for p in ps])
@@ -101,6 +108,8 @@ def sample(logits: torch.Tensor, b: SamplingBatch) -> tuple[torch.Tensor, list |
     """logits [B, vocab] fp32 -> (token ids [B], per row None or [(token, logprob), ...] with the
     sampled token first, then the top alternatives; logprobs are the model's, before penalties)."""
     raw = logits
+    if b.logit_bias is not None:  # first, as vLLM's logit-bias processor runs before penalties
+        logits = logits + b.logit_bias
     if b.repetition is not None:
         logits = apply_penalties(logits, b)
     tokens = logits.argmax(-1)

@@ -25,12 +25,16 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # the sampled token's logprob plus this many top alternatives
     skip_special_tokens: bool = True
+    # token id -> added to its logit before penalties and sampling (OpenAI's logit_bias, -100..100:
+    # -100 all but bans a token, 100 all but forces it)
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids)
+        self.logit_bias = dict(self.logit_bias or {})
         checks = [
             (self.max_tokens >= 1, f"max_tokens={self.max_tokens}: must be at least 1"),
             (self.temperature >= 0, f"temperature={self.temperature}: must be >= 0 (0 is greedy)"),
@@ -42,6 +46,8 @@ class SamplingParams:
             (-2 <= self.frequency_penalty <= 2, f"frequency_penalty={self.frequency_penalty}: must be in [-2, 2]"),
             (self.logprobs is None or self.logprobs >= 0, f"logprobs={self.logprobs}: must be >= 0"),
             (all(s for s in self.stop), "stop: empty stop strings are not allowed"),
+            (all(isinstance(t, int) and t >= 0 and -100 <= b <= 100 for t, b in self.logit_bias.items()),
+             "logit_bias: token ids must be integers >= 0 and biases in [-100, 100]"),
         ]
         for ok, msg in checks:
             if not ok:

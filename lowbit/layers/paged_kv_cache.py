@@ -192,17 +192,21 @@ class PagedKVCache:
             return self.kernels.decode(q, self.k[layer], self.v[layer], m.block_tables[:s], m.context_lens[:s],
                                        kv_bits=self.kv_bits, sliding_window=sliding_window, **self._scale_zero(layer),
                                        **hint)
-        nb = -(-max(m.context_lens_host[:s]) // self.block_size)
+        longest = max(m.context_lens_host[:s])
+        nb = -(-longest // self.block_size)
         k, v = self._read(layer, m.block_tables[:s, :nb].long(), q.dtype)  # [S, L, KVH, D]
-        ctx = m.context_lens[:s].long()[:, None]
-        pos = torch.arange(k.shape[1], device=q.device)[None, :]
-        mask = pos < ctx  # [S, L]: the query sits at position ctx - 1
-        if sliding_window is not None:
-            mask &= pos >= ctx - sliding_window
-        groups = q.shape[1] // self.kv_heads
-        k = k.transpose(1, 2).repeat_interleave(groups, dim=1)  # [S, H, L, D]
-        v = v.transpose(1, 2).repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask[:, None, None, :])
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [S, KVH, L, D]: SDPA shares each KV head (enable_gqa)
+        if s == 1 and sliding_window is None:  # one sequence: its exact context, nothing to mask
+            k, v, mask = k[:, :, :longest], v[:, :, :longest], None
+        else:
+            ctx = m.context_lens[:s].long()[:, None]
+            pos = torch.arange(k.shape[2], device=q.device)[None, :]
+            mask = pos < ctx  # [S, L]: the query sits at position ctx - 1
+            if sliding_window is not None:
+                mask &= pos >= ctx - sliding_window
+            mask = mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask,
+                                             enable_gqa=q.shape[1] != self.kv_heads)
         return out[:, :, 0]
 
     def _attend(self, layer: int, q: torch.Tensor, i: int, sliding_window: int | None) -> torch.Tensor:

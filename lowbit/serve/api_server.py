@@ -19,8 +19,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 
 from lowbit.errors import LowbitError
 from lowbit.serve.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse
-from lowbit.serve.responses import (chat_chunk, chat_logprobs, chat_response, completion_chunk, completion_logprobs,
-                                    completion_response, sse, usage)
+from lowbit.serve.responses import (UsageSoFar, chat_chunk, chat_logprobs, chat_response, completion_chunk,
+                                    completion_logprobs, completion_response, sse, usage)
 from lowbit.serve.serving import OpenAIServer
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -81,10 +81,12 @@ def _error_handlers(app: FastAPI) -> None:
                             status_code=405)
 
 
-def _check_stream_options(req) -> bool:
+def _check_stream_options(req) -> tuple[bool, bool]:
+    """-> (a last chunk with usage, usage so far on every chunk)."""
     if req.stream_options is not None and not req.stream:
         raise ErrorResponse(400, "stream_options is only allowed with stream: true", param="stream_options")
-    return bool(req.stream_options and req.stream_options.include_usage)
+    opts = req.stream_options
+    return bool(opts and opts.include_usage), bool(opts and opts.continuous_usage_stats)
 
 
 def build_app(server: OpenAIServer, ui: bool = False) -> FastAPI:
@@ -97,7 +99,14 @@ def build_app(server: OpenAIServer, ui: bool = False) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": name}
+        # 503 until the engine has warmed up, so a load balancer (or a test) sends nobody early
+        engine = server.engine
+        if not engine.ready.is_set():
+            return JSONResponse({"status": "starting", "model": name}, status_code=503)
+        if engine.warmup_error:
+            return JSONResponse({"status": "failed", "model": name, "error": f"warm-up: {engine.warmup_error}"},
+                                status_code=503)
+        return {"status": "ok", "model": name, "warmup_s": engine.warmup_s}
 
     @app.get("/metrics")
     async def metrics():
@@ -111,7 +120,7 @@ def build_app(server: OpenAIServer, ui: bool = False) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         server.check_model(req.model)
-        include_usage = _check_stream_options(req)
+        include_usage, continuous_usage = _check_stream_options(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise ErrorResponse(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         server.check_load(req.n)
@@ -132,20 +141,27 @@ def build_app(server: OpenAIServer, ui: bool = False) -> FastAPI:
             return chat_response(rid, created, name, outs, len(prompt_ids), tok, req.logprobs)
 
         async def events():
+            so_far = UsageSoFar(len(prompt_ids), req.n, continuous_usage)
             for i in range(req.n):
-                yield sse(chat_chunk(rid, created, name, i, {"role": "assistant", "content": ""}))
+                yield sse(so_far.stamp(chat_chunk(rid, created, name, i, {"role": "assistant", "content": ""})))
             completion_tokens = 0
             async with contextlib.aclosing(server.merged(sub)) as outputs:
                 async for i, out in outputs:
+                    so_far.add(i, out)
+                    parts = []  # one write for all that this output brings (text, then the finish)
                     lp = chat_logprobs(out, tok, out.delta_token_ids) if req.logprobs else None
                     if out.delta_text or lp:
-                        yield sse(chat_chunk(rid, created, name, i, {"content": out.delta_text}, logprobs=lp))
+                        parts.append(so_far.stamp(chat_chunk(rid, created, name, i, {"content": out.delta_text},
+                                                              logprobs=lp)))
                     if out.finished:
                         completion_tokens += len(out.token_ids)
                         if out.finish_reason == "error":
-                            yield sse(ErrorResponse(500, str(out.error), type_="server_error").body())
+                            parts.append(ErrorResponse(500, str(out.error), type_="server_error").body())
                         else:
-                            yield sse(chat_chunk(rid, created, name, i, {}, finish=out.finish_reason))
+                            parts.append(so_far.stamp(chat_chunk(rid, created, name, i, {},
+                                                                  finish=out.finish_reason)))
+                    if parts:
+                        yield "".join(sse(p) for p in parts)
             if include_usage:
                 yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
                            "choices": [], "usage": usage(len(prompt_ids) * req.n, completion_tokens)})
@@ -156,7 +172,7 @@ def build_app(server: OpenAIServer, ui: bool = False) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         server.check_model(req.model)
-        include_usage = _check_stream_options(req)
+        include_usage, continuous_usage = _check_stream_options(req)
         server.check_load(req.n)
         prompt_ids, prompt_text = _completion_prompt(req.prompt, tok)
         params = server.params_for(req, len(prompt_ids), req.max_tokens, req.logprobs)
@@ -171,23 +187,29 @@ def build_app(server: OpenAIServer, ui: bool = False) -> FastAPI:
             return completion_response(rid, created, name, outs, len(prompt_ids), tok, req.logprobs is not None, echo)
 
         async def events():
+            so_far = UsageSoFar(len(prompt_ids), req.n, continuous_usage)
             completion_tokens = 0
             echoed = set()
             async with contextlib.aclosing(server.merged(sub)) as outputs:
                 async for i, out in outputs:
+                    so_far.add(i, out)
                     text = out.delta_text
                     if echo and i not in echoed:
                         text = echo + text
                         echoed.add(i)
                     lp = completion_logprobs(out, tok, out.delta_token_ids) if req.logprobs is not None else None
+                    parts = []  # one write for all that this output brings (text, then the finish)
                     if text or lp:
-                        yield sse(completion_chunk(rid, created, name, i, text, None, lp))
+                        parts.append(so_far.stamp(completion_chunk(rid, created, name, i, text, None, lp)))
                     if out.finished:
                         completion_tokens += len(out.token_ids)
                         if out.finish_reason == "error":
-                            yield sse(ErrorResponse(500, str(out.error), type_="server_error").body())
+                            parts.append(ErrorResponse(500, str(out.error), type_="server_error").body())
                         else:
-                            yield sse(completion_chunk(rid, created, name, i, "", out.finish_reason, None))
+                            parts.append(so_far.stamp(completion_chunk(rid, created, name, i, "", out.finish_reason,
+                                                                        None)))
+                    if parts:
+                        yield "".join(sse(p) for p in parts)
             if include_usage:
                 yield sse({"id": rid, "object": "text_completion", "created": created, "model": name,
                            "choices": [], "usage": usage(len(prompt_ids) * req.n, completion_tokens)})
@@ -245,18 +267,22 @@ def _check_port_free(host: str, port: int) -> None:
 def serve(model: str = "default", host: str = "127.0.0.1", port: int = 23333, kv_bits: int = 16,
           api_key: str | None = None, max_batch_size: int = 64, max_model_len: int | None = None,
           max_waiting: int = 256, ui: bool = False, served_model_name: str | None = None,
-          dtype: str = "auto", device: str | None = None) -> None:
+          dtype: str = "auto", device: str | None = None, dummy_weights: bool = False, arch: str | None = None,
+          w_bits: int = 16, group_size: int = 128) -> None:
+    if arch and not dummy_weights:
+        raise LowbitError(f"--arch {arch} names the shapes of --dummy-weights; add --dummy-weights, or drop --arch "
+                          "to serve MODEL's own weights")
     import uvicorn
 
     from lowbit.engine.llm import LLM
-    from lowbit.models.default import resolve_model
 
     _check_port_free(host, port)  # before the model loads, not after
-    path = resolve_model(model)
-    llm = LLM(path, kv_bits=kv_bits, max_batch_size=max_batch_size, max_model_len=max_model_len, dtype=dtype,
-              device=device)
-    name = served_model_name or (path.stem if path.is_file() else path.name)
-    server = OpenAIServer(llm.async_engine, llm.tokenizer, name, api_key, max_waiting, aliases=(model,))
+    net, tok, ckpt, name = _load(model, dummy_weights, arch, w_bits, group_size, dtype, device)
+    name = served_model_name or name
+    llm = LLM((net, tok, ckpt), kv_bits=kv_bits, max_batch_size=max_batch_size, max_model_len=max_model_len)
+    # the app listens at once; /health says "starting" until the engine thread has warmed up
+    server = OpenAIServer(llm.start_async(warm_up=True), llm.tokenizer, name, api_key, max_waiting,
+                          aliases=(arch if dummy_weights else model,))
     app = build_app(server, ui)
     print(f"lowbit serve: {name} on http://{host}:{port}/v1 (max_model_len {server.max_model_len}, kv_bits {kv_bits}, "
           f"max_batch_size {max_batch_size})" + (f"; chat page at http://{host}:{port}/" if ui else ""), flush=True)
@@ -264,3 +290,19 @@ def serve(model: str = "default", host: str = "127.0.0.1", port: int = 23333, kv
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
         llm.shutdown()
+
+
+def _load(model, dummy_weights, arch, w_bits, group_size, dtype, device):
+    """-> (model, tokenizer, checkpoint, served name): MODEL's weights, or dummy weights of arch's
+    shapes whose tokenizer takes text as bytes (lowbit/serve/dummy_text.py)."""
+    from lowbit.bench.common import ModelSpec
+    from lowbit.models.default import resolve_model
+
+    spec = ModelSpec(model, dummy_weights, arch, w_bits, group_size, dtype, device)
+    net, tok, ckpt = spec.load()
+    if dummy_weights:
+        from lowbit.serve.dummy_text import ByteChatTokenizer
+
+        return net, ByteChatTokenizer(tok.vocab_size), ckpt, f"dummy-{arch}" + ("" if w_bits == 16 else f"-w{w_bits}")
+    path = resolve_model(model)
+    return net, tok, ckpt, (path.stem if path.is_file() else path.name)

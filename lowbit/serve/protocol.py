@@ -41,7 +41,8 @@ class ChatMessage(_Strict):
 
 
 class StreamOptions(_Strict):
-    include_usage: bool = False
+    include_usage: bool = False  # a last chunk with the request's usage
+    continuous_usage_stats: bool = False  # usage so far on every chunk (vLLM's extension)
 
 
 class _Sampling(_Strict):
@@ -57,6 +58,23 @@ class _Sampling(_Strict):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
+    logit_bias: Optional[dict[str, float]] = None  # token id (as a string, OpenAI's shape) -> bias in [-100, 100]
+
+    def logit_bias_ids(self, vocab_size: int) -> dict[int, float]:
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            try:
+                token = int(key)
+            except ValueError:
+                token = -1
+            if not 0 <= token < vocab_size:
+                raise ErrorResponse(400, f"logit_bias: key {key!r} is not a token id; keys are token ids in "
+                                         f"[0, {vocab_size}) written as strings", param="logit_bias")
+            if not -100 <= value <= 100:
+                raise ErrorResponse(400, f"logit_bias: {value} for token {token} is outside [-100, 100]",
+                                    param="logit_bias")
+            bias[token] = value
+        return bias
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

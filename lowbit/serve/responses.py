@@ -14,6 +14,22 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+class UsageSoFar:
+    """Tokens generated so far by each of a request's n samples: with stream_options'
+    continuous_usage_stats, every chunk carries the usage up to it."""
+
+    def __init__(self, prompt_tokens: int, n: int, on: bool):
+        self.prompt_tokens, self.on, self.done = prompt_tokens * n, on, [0] * n
+
+    def add(self, i: int, out) -> None:
+        self.done[i] = len(out.token_ids)
+
+    def stamp(self, chunk: dict) -> dict:
+        if self.on:
+            chunk["usage"] = usage(self.prompt_tokens, sum(self.done))
+        return chunk
+
+
 def _token(tok, token_id: int) -> str:
     return tok.decode([token_id], skip_special_tokens=False)
 

@@ -74,7 +74,8 @@ class OpenAIServer:
         try:
             return SamplingParams(max_tokens=max_tokens or room, temperature=req.temperature, top_p=req.top_p,
                                   seed=req.seed, stop=req.stop_list(), presence_penalty=req.presence_penalty,
-                                  frequency_penalty=req.frequency_penalty, logprobs=logprobs)
+                                  frequency_penalty=req.frequency_penalty, logprobs=logprobs,
+                                  logit_bias=req.logit_bias_ids(self.engine.engine.vocab_size))
         except LowbitError as e:
             raise ErrorResponse(400, str(e)) from None
 
@@ -139,6 +140,16 @@ class OpenAIServer:
     async def merged(self, sub: Submitted) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(sample index, output) from all n samples as they come. Leaving early (the client went
         away) aborts the samples still running."""
+        if len(sub.streams) == 1:  # the common case, without a task and a queue between engine and socket
+            try:
+                async for out in sub.streams[0]:
+                    self.stats.add_tokens(len(out.delta_token_ids))
+                    if out.finished:
+                        self.settle(out)
+                    yield 0, out
+            finally:
+                self.abort(sub)
+            return
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(i, stream):
