@@ -108,12 +108,18 @@ def serve(model: str = typer.Argument("default", help=MODEL_HELP),
           ui: bool = typer.Option(False, "--ui", help="serve the web chat page at /"),
           served_model_name: Optional[str] = typer.Option(None, "--served-model-name"),
           dtype: str = typer.Option("auto", help="auto | fp32 | fp16 | bf16"),
-          device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda if present)")):
+          device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda if present)"),
+          dummy_weights: bool = typer.Option(False, "--dummy-weights",
+                                             help="random weights of --arch's shapes (load tests); text in as bytes"),
+          arch: Optional[str] = typer.Option(None, "--arch",
+                                             help="with --dummy-weights: tiny | llama2-7b | llama3-8b | llama2-70b"),
+          w_bits: int = typer.Option(16, "--w-bits", help="dummy weights: 16 (dense) | 4 (AWQ W4A16)"),
+          group_size: int = typer.Option(128, "--group-size", help="W4A16 group size (dummy weights)")):
     """An OpenAI-compatible API server (/v1/chat/completions, /v1/completions, /v1/models, /metrics)."""
     from lowbit.serve.api_server import serve as run_server
 
     run_server(model, host, port, kv_bits, api_key, max_batch_size, max_model_len, max_waiting, ui,
-               served_model_name, dtype, device)
+               served_model_name, dtype, device, dummy_weights, arch, w_bits, group_size)
 
 
 @app.command()
@@ -133,6 +139,7 @@ def eval_ppl(model: str = typer.Argument("default", help=MODEL_HELP),
              seqlen: int = typer.Option(2048, min=2, help="tokens per non-overlapping window"),
              limit: Optional[int] = typer.Option(None, min=1, help="score only the first N windows"),
              batch_size: int = typer.Option(1, min=1, help="windows per forward pass"),
+             kv_bits: int = typer.Option(16, "--kv-bits", help="16 | 8 | 4: attend through a paged KV cache of these bits"),
              json_out: Optional[Path] = typer.Option(None, "--json", help="also write the result as JSON here"),
              dtype: str = typer.Option("auto", help="auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16"),
              device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda if present)")):
@@ -141,13 +148,20 @@ def eval_ppl(model: str = typer.Argument("default", help=MODEL_HELP),
 
     from lowbit.eval.ppl import perplexity
 
+    _check_kv_bits(kv_bits)
     m, tok, _ = _load(model, dtype, device)
-    res = perplexity(m, tok, dataset, seqlen, limit, batch_size)
-    typer.echo(f"{dataset} ppl {res.ppl:.4f} ({res.windows}/{res.total_windows} windows of {seqlen} tokens, "
+    res = perplexity(m, tok, dataset, seqlen, limit, batch_size, kv_bits=kv_bits)
+    kv = f", KV {kv_bits}-bit" if kv_bits != 16 else ""
+    typer.echo(f"{dataset} ppl {res.ppl:.4f} ({res.windows}/{res.total_windows} windows of {seqlen} tokens{kv}, "
                f"{res.seconds:.1f}s)")
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(dict(res.to_dict(), model=model), indent=1) + "\n")
+
+
+def _check_kv_bits(kv_bits: int) -> None:
+    if kv_bits not in (16, 8, 4):
+        raise LowbitError(f"--kv-bits {kv_bits}: expected 16, 8 or 4")
 
 
 @eval_app.command("tasks")
@@ -156,32 +170,63 @@ def eval_tasks(model: str = typer.Argument("default", help=MODEL_HELP),
                limit: Optional[int] = typer.Option(None, min=1, help="score only the first N items of each task "
                                                    "(mmlu: N questions taken round-robin over its subjects)"),
                num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", min=0,
-                                                         help="few-shot examples (default: mmlu 5, others 0)"),
+                                                         help="few-shot examples (default: mmlu 5, gsm8k 8, others 0)"),
                batch_size: int = typer.Option(4, "--batch-size", min=1, help="sequences per forward pass"),
                json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results as JSON here"),
                dtype: str = typer.Option("auto", help="auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16"),
                device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda if present)")):
-    """Multiple-choice accuracy (acc, acc_norm) by log-likelihood, scored as lm-evaluation-harness does."""
+    """Multiple-choice accuracy (acc, acc_norm) by log-likelihood, and GSM8K by generation (exact match,
+    strict and flexible), scored as lm-evaluation-harness does."""
     import json
 
+    from lowbit.eval.gsm8k import evaluate_gsm8k
     from lowbit.eval.provenance import provenance
     from lowbit.eval.tasks import evaluate_task, parse_tasks
 
     names = parse_tasks(tasks)
-    m, tok, _ = _load(model, dtype, device)
+    triple = _load(model, dtype, device)
+    m, tok, _ = triple
     results, files = [], {}
     for name in names:
-        res = evaluate_task(m, tok, name, limit, num_fewshot, batch_size)
+        if name == "gsm8k":  # generative: through the engine, batched
+            res = evaluate_gsm8k(triple, limit, num_fewshot, max(batch_size, 16))
+            scores = (f"exact_match strict {res.acc:.4f} ± {res.acc_stderr:.4f}  "
+                      f"flexible {res.acc_norm:.4f} ± {res.acc_norm_stderr:.4f}")
+        else:
+            res = evaluate_task(m, tok, name, limit, num_fewshot, batch_size)
+            scores = f"acc {res.acc:.4f} ± {res.acc_stderr:.4f}  acc_norm {res.acc_norm:.4f} ± {res.acc_norm_stderr:.4f}"
         results.append(res.to_dict())
         files.update(res.files)
-        typer.echo(f"{name:14s} {res.num_fewshot}-shot n={res.n:5d}  acc {res.acc:.4f} ± {res.acc_stderr:.4f}  "
-                   f"acc_norm {res.acc_norm:.4f} ± {res.acc_norm_stderr:.4f}  ({res.seconds:.1f}s)")
+        typer.echo(f"{name:14s} {res.num_fewshot}-shot n={res.n:5d}  {scores}  ({res.seconds:.1f}s)")
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         for r in results:
             r.pop("files")  # listed once, in data_sha256
         out = dict(model=model, tasks=results, **provenance(files, str(next(m.parameters()).device)))
         json_out.write_text(json.dumps(out, indent=1) + "\n")
+
+
+@eval_app.command("report")
+def eval_report(checkpoints: list[str] = typer.Argument(..., help="checkpoints to compare, the reference first "
+                                                       "(`default` = the embedded model)"),
+                out: Path = typer.Option(..., "--out", help="directory for report.md / report.json / report.png"),
+                dataset: str = typer.Option("wikitext2", help="corpus for perplexity and KL divergence"),
+                seqlen: int = typer.Option(2048, min=2, help="tokens per window"),
+                limit: Optional[int] = typer.Option(None, min=1, help="score only the first N windows"),
+                tasks: str = typer.Option("", help="comma-separated tasks of `lowbit eval tasks` (none by default)"),
+                task_limit: Optional[int] = typer.Option(None, "--task-limit", min=1, help="first N items of each task"),
+                num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", min=0),
+                batch_size: int = typer.Option(4, "--batch-size", min=1),
+                dtype: str = typer.Option("auto", help="auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16"),
+                device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda if present)")):
+    """One table of what each quantization costs: size, bits per weight, ppl, KLD and top-1 against the
+    first checkpoint, task accuracies; also written into each checkpoint directory (eval_results.json)."""
+    from lowbit.eval.report import ReportOptions, run_report
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    opts = ReportOptions(dataset, seqlen, limit, names, task_limit, num_fewshot, batch_size, dtype, device)
+    run_report(checkpoints, out, opts, log=typer.echo)
+    typer.echo(f"wrote {out}/report.md, report.json, report.png")
 
 
 @eval_app.command("kld")
@@ -194,6 +239,8 @@ def eval_kld(model: str = typer.Argument(..., help=MODEL_HELP),
              save_logits: Optional[Path] = typer.Option(None, "--save-logits",
                                                         help="write the reference's top-k log-probs here"),
              top_k: int = typer.Option(64, "--top-k", min=1, help="with --save-logits: tokens kept per position"),
+             kv_bits: int = typer.Option(16, "--kv-bits", help="16 | 8 | 4: the model (not the reference) attends "
+                                         "through a paged KV cache of these bits"),
              json_out: Optional[Path] = typer.Option(None, "--json", help="also write the result as JSON here"),
              dtype: str = typer.Option("auto", help="auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16"),
              device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda if present)")):
@@ -205,13 +252,14 @@ def eval_kld(model: str = typer.Argument(..., help=MODEL_HELP),
     from lowbit.eval.logit_store import is_saved_logits, load
     from lowbit.eval.provenance import provenance
 
+    _check_kv_bits(kv_bits)
     saved = load(reference) if is_saved_logits(reference) else None
     if saved is not None and save_logits:
         raise LowbitError("--save-logits needs a reference model, not a saved file")
     m, tok, _ = _load(model, dtype, device)
     ref = None if saved is not None else _load(reference, dtype, device)[0]
     res = kl_divergence(m, tok, ref, saved, dataset, seqlen, limit, save_logits, top_k,
-                        meta={"reference": reference})
+                        meta={"reference": reference}, kv_bits=kv_bits)
     typer.echo(f"{res.dataset} KLD mean {res.kld_mean:.6f} ± {res.kld_stderr:.6f}  median {res.kld_median:.6f}  "
                f"p90 {res.kld_p90:.6f}  p99 {res.kld_p99:.6f}  max {res.kld_max:.6f}  "
                f"top-1 {100 * res.top1_agreement:.2f}% ± {100 * res.top1_stderr:.2f}%  ppl {res.ppl_model:.4f} "
@@ -226,7 +274,7 @@ def eval_kld(model: str = typer.Argument(..., help=MODEL_HELP),
 
 
 @app.command()
-def quantize(method: str = typer.Argument(..., help="rtn | awq | gptq | awq-gptq | smoothquant | w8a8 | fp8"),
+def quantize(method: str = typer.Argument(..., help="rtn | awq | gptq | awq-gptq | mixed | smoothquant | w8a8 | fp8"),
              model: str = typer.Argument(..., help=MODEL_HELP),
              work_dir: Path = typer.Option(..., "--work-dir", help="directory to write the quantized checkpoint to"),
              w_bits: int = typer.Option(4, "--w-bits", help="2 | 3 | 4 | 8"),
@@ -249,12 +297,22 @@ def quantize(method: str = typer.Argument(..., help="rtn | awq | gptq | awq-gptq
              alpha: Optional[str] = typer.Option(None, "--alpha", help="smoothquant: migration strength in [0, 1] "
                                                  "(default 0.5), or auto (searched per layer)"),
              act_scheme: Optional[str] = typer.Option(None, "--act-scheme", help="smoothquant/w8a8/fp8: dynamic "
-                                                      "(per token, default) | static (per tensor)")):
+                                                      "(per token, default) | static (per tensor)"),
+             bpw: Optional[float] = typer.Option(None, "--bpw", help="mixed: target average bits per weight, scales "
+                                                 "and zeros counted (e.g. 4.0)"),
+             measurement: Optional[Path] = typer.Option(None, "--measurement", help="mixed: reuse this "
+                                                        "measurement.json (from `lowbit measure`) instead of measuring")):
     """Quantize MODEL's linear weights with RTN, AWQ, GPTQ or AWQ+GPTQ and write an AWQ or GPTQ checkpoint;
     smoothquant | w8a8 | fp8 quantize weights and activations to 8 bits (a compressed-tensors checkpoint)."""
     from lowbit.quant.api import quantize as do_quantize
 
     w8a8 = {k: v for k, v in {"alpha": alpha, "act_scheme": act_scheme}.items() if v is not None}
+    if method == "mixed" or bpw is not None or measurement is not None:  # bits and groups per linear: quant/mixed.py
+        res = do_quantize(model, method, work_dir, bpw=bpw, measurement=measurement, calib_dataset=calib_dataset,
+                          calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed, device=device,
+                          overwrite=overwrite, log=lambda line: typer.echo(line, err=True), **w8a8)
+        typer.echo(f"wrote {res.out_dir} (mixed: {res.options['bpw']:.4f} bpw for --bpw {bpw:g}) in {res.seconds:.1f}s")
+        return
     if method in ("smoothquant", "w8a8", "fp8"):
         res = do_quantize(model, method, work_dir, calib_dataset=calib_dataset, calib_samples=calib_samples,
                           calib_seqlen=calib_seqlen, seed=seed, device=device, act_order=act_order, fmt=fmt,
@@ -266,6 +324,26 @@ def quantize(method: str = typer.Argument(..., help="rtn | awq | gptq | awq-gptq
                       seed=seed, device=device, act_order=act_order, static_groups=static_groups, fmt=fmt, mse=mse_range,
                       overwrite=overwrite, log=lambda line: typer.echo(line, err=True), **w8a8)
     typer.echo(f"wrote {res.out_dir} ({method} w{w_bits} g{group_size}) in {res.seconds:.1f}s")
+
+
+@app.command()
+def measure(model: str = typer.Argument(..., help=MODEL_HELP),
+            out: Path = typer.Option(Path("measurement.json"), "--out", help="the measurement file; an unfinished "
+                                     "one of the same model and options is resumed"),
+            calib_dataset: str = typer.Option("wikitext2", "--calib-dataset", help="corpus name in shared/data"),
+            calib_samples: int = typer.Option(128, "--calib-samples", min=1),
+            calib_seqlen: int = typer.Option(2048, "--calib-seqlen", min=1),
+            seed: int = typer.Option(0, "--seed", help="which calibration windows are drawn"),
+            device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda if present)")):
+    """Measure every linear's GPTQ error at bits 2-8 x group sizes 32/64/128, for `quantize mixed --measurement`."""
+    from lowbit.quant.measure import measure as do_measure
+
+    t0 = time.time()
+    data = do_measure(model, out, calib_dataset=calib_dataset, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
+                      seed=seed, device=device, log=lambda line: typer.echo(line, err=True))
+    n_options = sum(len(e["options"]) for e in data["measurement"])
+    typer.echo(f"wrote {out}: {len(data['measurement'])} linears, {n_options} options, {data['seconds']:.1f}s of "
+               f"measuring (this run {time.time() - t0:.1f}s)")
 
 
 @app.command()
@@ -312,7 +390,7 @@ def _spec(model, dummy, arch, w_bits, group_size, dtype, device):
 @bench_app.command("generate")
 def bench_generate(model: str = typer.Argument("default", help=MODEL_HELP), dummy_weights: bool = _DUMMY,
                    arch: Optional[str] = _ARCH,
-                   w_bits: int = typer.Option(16, "--w-bits", help="dummy weights: 16 (fp16) | 4 (AWQ W4A16)"),
+                   w_bits: int = typer.Option(16, "--w-bits", help="dummy weights: 16 (fp16) | 8 (W8A8 int8) | 4 (AWQ W4A16)"),
                    group_size: int = _GROUP,
                    concurrency: str = typer.Option("1,16,64", help="concurrent requests, comma-separated"),
                    input_len: int = typer.Option(1, "--input-len", min=1),
@@ -362,7 +440,7 @@ def bench_throughput(model: str = typer.Argument("default", help=MODEL_HELP), du
 @bench_app.command("memory")
 def bench_memory(model: str = typer.Argument("default", help=MODEL_HELP), dummy_weights: bool = _DUMMY,
                  arch: Optional[str] = _ARCH,
-                 w_bits: str = typer.Option("16,4", "--w-bits", help="dummy weights: 16 and/or 4"),
+                 w_bits: str = typer.Option("16,4", "--w-bits", help="dummy weights: any of 16, 8 (W8A8 int8), 4"),
                  group_size: int = _GROUP, kv_bits: str = typer.Option("16,8,4", "--kv-bits"),
                  max_model_len: Optional[int] = typer.Option(None, "--max-model-len", min=1),
                  gpu_memory_utilization: float = _GPU_UTIL,

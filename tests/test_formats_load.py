@@ -110,7 +110,7 @@ def test_gptq_v2_and_modules_to_not_convert(tmp_path):
 @pytest.mark.parametrize("quant,needle", [
     ({"quant_method": "awq", "bits": 3, "group_size": 64, "version": "gemm"}, "4-bit codes only"),
     ({"quant_method": "awq", "bits": 4, "group_size": 64, "version": "gemv"}, "'gemv'"),
-    ({"quant_method": "gptq", "bits": 5, "group_size": 64}, "bits 5"),
+    ({"quant_method": "gptq", "bits": 7, "group_size": 64}, "bits 7"),  # 5 and 6: lowbit's mixed checkpoints
     ({"quant_method": "gptq", "bits": 4, "group_size": 64, "checkpoint_format": "marlin"}, "'marlin'"),
     ({"quant_method": "gptq", "bits": 4, "group_size": 0}, "group_size 0"),
     ({"quant_method": "bitsandbytes"}, "'bitsandbytes' is not supported"),

@@ -9,6 +9,9 @@ Packing: each run of 32 values fills `bits` int32 words as one little-endian bit
 at stream bit bits * j. For 2/4/8 bits that is value j of a word at shift bits * j; for 3 bits,
 values 10 and 21 straddle word boundaries (AutoGPTQ's 3-bit scheme: 10 values at shifts 0..27,
 value 10's low two bits at 30 and its high bit in bit 0 of the next word, ...).
+5 and 6 bits are a lowbit extension of the same stream (32 values in 5 or 6 words; 5-bit value 6
+starts at bit 30 and spills 3 bits into the next word): AutoGPTQ, GPTQModel and transformers take
+2/3/4/8 only, so only `quantize mixed` writes them, for the linears it gives 5 or 6 bits.
 Checked against AutoGPTQ `auto_gptq/nn_modules/qlinear/qlinear_cuda_old.py` (QuantLinear.pack, and
 the `wf` shift tables of its torch dequantize path), vLLM
 `vllm/model_executor/layers/quantization/gptq.py` (shapes, `zeros + 1`, g_idx indexing), and
@@ -28,7 +31,7 @@ import torch
 
 from lowbit.errors import LowbitError
 
-BITS = (2, 3, 4, 8)
+BITS = (2, 3, 4, 5, 6, 8)
 FORMATS = {"gptq": 1, "gptq_v2": 0}  # checkpoint_format -> what was subtracted from each zero
 
 
@@ -105,3 +108,11 @@ def shapes(in_features: int, out_features: int, bits: int, group_size: int) -> d
     n_groups = 1 if group_size == -1 else in_features // group_size
     return {"qweight": (in_features * bits // 32, out_features), "qzeros": (n_groups, out_features * bits // 32),
             "scales": (n_groups, out_features), "g_idx": (in_features,)}
+
+
+def bits_on_disk(in_features: int, out_features: int, bits: int, group_size: int) -> int:
+    """What one linear costs in this layout: the codes, and per group an fp16 scale and a `bits`-wide
+    zero (qweight, scales, qzeros; the int32 g_idx, one per input row, is left out). The bits per
+    weight that `quantize mixed` budgets and `lowbit info` reports."""
+    gs = in_features if group_size == -1 else group_size
+    return out_features * in_features * bits + out_features * (in_features // gs) * (16 + bits)

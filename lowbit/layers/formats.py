@@ -2,10 +2,13 @@
 
 Keys are read the way transformers' AwqConfig / GPTQConfig read them (`utils/quantization_config.py`),
 legacy spellings included: AWQ `bits`|`w_bit`, `group_size`|`q_group_size`, `version`|`format`;
-GPTQ `checkpoint_format`|`format`. Anything we cannot run exactly is refused here, before a tensor
-is read.
+GPTQ `checkpoint_format`|`format`, and GPTQModel's per-module `dynamic` overrides (regex -> bits /
+group size), which `lowbit quantize mixed` writes. Anything we cannot run exactly is refused here,
+before a tensor is read.
 """
 from __future__ import annotations
+
+import re
 
 from lowbit.errors import LowbitError
 from lowbit.layers.linear import make_method
@@ -50,6 +53,46 @@ def gptq_options(quant: dict, where: str) -> dict:
 
 
 _OPTIONS = {"awq": awq_options, "gptq": gptq_options}
+DYNAMIC_KEYS = ("bits", "group_size", "desc_act", "sym")  # the per-module overrides we can honour
+
+
+def dynamic_override(dynamic: dict, name: str, where: str):
+    """GPTQModel's per-module `dynamic` rule for module `name` (gptqmodel `dynamic_get`, vLLM
+    `get_dynamic_override`): the first key whose regex `re.match`es the name decides; a "-:" key leaves
+    the module unquantized (False), a "+:" or unprefixed key returns its overrides; no match: None."""
+    for pattern, overrides in dynamic.items():
+        negative = pattern.startswith("-:")
+        regex = pattern[2:] if negative or pattern.startswith("+:") else pattern
+        try:
+            hit = re.match(regex, name)
+        except re.error as e:
+            raise LowbitError(f"{where}.dynamic key {pattern!r}: not a regular expression ({e})") from None
+        if not hit:
+            continue
+        if negative:
+            return False
+        if not isinstance(overrides, dict):
+            raise LowbitError(f"{where}.dynamic[{pattern!r}]: expected an object of overrides, got {overrides!r}")
+        return overrides
+    return None
+
+
+def _with_dynamic(quant: dict, name: str, where: str):
+    """The quant config that applies to module `name`: False (left dense) or the base config with
+    the module's `dynamic` overrides merged in; overrides we cannot honour are refused by name."""
+    dynamic = quant.get("dynamic")
+    if not dynamic:
+        return quant
+    if not isinstance(dynamic, dict):
+        raise LowbitError(f"{where}.dynamic: expected an object of regex -> overrides")
+    overrides = dynamic_override(dynamic, name, where)
+    if overrides is None or overrides is False:
+        return overrides if overrides is False else quant
+    unknown = [k for k in overrides if k not in DYNAMIC_KEYS]
+    if unknown:
+        raise LowbitError(f"{where}.dynamic: override {unknown[0]!r} for {name} is not supported "
+                          f"(lowbit honours {', '.join(DYNAMIC_KEYS)})")
+    return {**quant, **overrides}
 
 
 def method_for_checkpoint(quant: dict | None, source: str = ""):
@@ -72,10 +115,15 @@ def method_for_checkpoint(quant: dict | None, source: str = ""):
     options = _OPTIONS[kind](quant, where)
     # AutoAWQ and transformers skip a module when any entry is a substring of its name
     skip = quant.get("modules_to_not_convert") or []
+    if quant.get("dynamic") and kind != "gptq":
+        raise LowbitError(f"{where}.dynamic: per-module overrides are read for gptq checkpoints only, not {kind}")
 
     def method_for(name: str, _in: int, _out: int):
         if any(key in name for key in skip):
             return None
-        return make_method(kind, prefix=name, **options)
+        own = _with_dynamic(quant, name, where)  # GPTQModel's per-module bits / group size (quantize mixed)
+        if own is False:
+            return None
+        return make_method(kind, prefix=name, **(options if own is quant else _OPTIONS[kind](own, f"{where} ({name})")))
 
     return method_for

@@ -38,6 +38,10 @@ class ModelInfo:
     checkpoint_format: str | None = None  # gptq
     scheme: str | None = None  # compressed-tensors: what its config groups hold (int8 / fp8 W8A8)
     quantized_by: dict = field(default_factory=dict)  # the options lowbit quantize ran with, if it wrote it
+    # awq / gptq: bits per weight of the decoder linears (codes, fp16 scales, zeros; dense ones at 16)
+    linear_bpw: float | None = None
+    # per-module overrides (gptq `dynamic`, written by quantize mixed): linear -> "4b g64" / "fp16"
+    bit_map: dict = field(default_factory=dict)
     device: str = "cpu"  # where it would run: the GPU when there is one
     kernels: dict = field(default_factory=dict)  # role -> implementation there (kernel_report.planned_kernels)
 
@@ -98,10 +102,50 @@ def model_info(path: str | Path, device: str | torch.device | None = None) -> Mo
             scheme = method_options(quant, f"{path}: quantization_config")("model.layers.0.self_attn.q_proj")
             info.scheme = scheme.describe() if scheme else None
             info.bits = 8 if scheme else None
+    if kind in ("awq", "gptq"):
+        info.linear_bpw, bit_map = _linear_bits(cfg, quant, str(path))
+        info.bit_map = bit_map if quant.get("dynamic") else {}
     info.device = str(device)
     layer_format = kind if kind != "compressed-tensors" else ("fp8" if info.scheme and "fp8" in info.scheme else "w8a8")
     info.kernels = planned_kernels(layer_format, info.bits, device)
     return info
+
+
+def _linear_bits(cfg, quant: dict, source: str) -> tuple[float, dict[str, str]]:
+    """(bits per weight over the decoder linears, linear -> its setting), from the config alone: each
+    linear's method as the loader would build it, its size counted as gptq_format.bits_on_disk."""
+    from lowbit.formats.gptq_format import bits_on_disk
+    from lowbit.layers.formats import method_for_checkpoint
+    from lowbit.layers.linear import QLinear
+    from lowbit.models.llama import LlamaModel
+
+    method_for = method_for_checkpoint(quant, source)
+    with torch.device("meta"):
+        net = LlamaModel(cfg, fused=False)
+    total = numel = 0
+    settings = {}
+    for name, m in net.named_modules():
+        if not isinstance(m, QLinear) or ".layers." not in name:
+            continue
+        method = method_for(name, m.in_features, m.out_features)
+        n = m.in_features * m.out_features
+        if method is None:
+            settings[name], bits = "fp16", 16 * n
+        else:
+            settings[name] = f"{method.bits}b g{method.group_size}"
+            bits = bits_on_disk(m.in_features, m.out_features, method.bits, method.group_size)
+        total, numel = total + bits, numel + n
+    return total / numel, settings
+
+
+def format_bit_map(bit_map: dict[str, str]) -> list[tuple[str, str]]:
+    """One row per decoder layer: 'q 4b g64  k 4b g64  ...' (names without the layer prefix)."""
+    rows: dict[str, list[str]] = {}
+    for name, setting in bit_map.items():
+        prefix, _, short = name.partition(".layers.")
+        index, _, linear = short.partition(".")
+        rows.setdefault(f"  layer {index}", []).append(f"{linear.rsplit('.', 1)[-1].removesuffix('_proj')} {setting}")
+    return [(k, "  ".join(v)) for k, v in rows.items()]
 
 
 def _mb(n: int) -> str:
@@ -120,6 +164,13 @@ def format_info(info: ModelInfo) -> str:
         rows.append(("quantized", f"{info.quantized_linears} of {info.linears} decoder linears"))
         if info.quantized_by:
             rows.append(("quantized by", " ".join(f"{k}={v}" for k, v in info.quantized_by.items() if v is not None)))
+        if info.linear_bpw is not None:
+            rows.append(("linear bpw", f"{info.linear_bpw:.4f} bits per weight over the decoder linears "
+                                       f"(codes, fp16 scales, zeros)"))
+        if info.bit_map:
+            rows.append(("bit map", f"per linear: gptq `dynamic` overrides of the base {info.bits}-bit "
+                                    f"g{info.group_size}"))
+            rows += format_bit_map(info.bit_map)
     elif info.format == "compressed-tensors":
         rows.append(("format", f"{info.format}: {info.scheme}"))
         rows.append(("quantized", f"{info.quantized_linears} of {info.linears} decoder linears"))

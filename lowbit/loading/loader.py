@@ -50,9 +50,10 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device | str
     """fused: q/k/v and gate/up as one merged linear each (inference); quantizers pass False."""
     from lowbit.layers.formats import method_for_checkpoint
 
-    fused = fused and _g_idx_shared(ckpt)
+    method_for = method_for_checkpoint(ckpt.quant, ckpt.source)
+    fused = fused and _g_idx_shared(ckpt) and _settings_shared(ckpt, method_for)
     with torch.device(device):
-        model = LlamaModel(ckpt.config, method_for_checkpoint(ckpt.quant, ckpt.source), dtype, fused)
+        model = LlamaModel(ckpt.config, method_for, dtype, fused)
     load_weights(model, ckpt)
     return model.eval()
 
@@ -89,6 +90,21 @@ def _g_idx_shared(ckpt: Checkpoint) -> bool:
                 continue
             first, *rest = (ckpt.get(n) for n in found)
             if any(not torch.equal(first, r) for r in rest):
+                return False
+    return True
+
+
+def _settings_shared(ckpt: Checkpoint, method_for) -> bool:
+    """Whether projections that would be merged share one weight setting: a mixed-precision
+    checkpoint (per-module `dynamic` bits / group sizes) may give q and k different bits, whose
+    packed tensors cannot be concatenated; such a checkpoint runs its projections unmerged."""
+    if not (ckpt.quant or {}).get("dynamic"):
+        return True
+    for i in range(ckpt.config.num_hidden_layers):
+        for block, names in MERGED:
+            methods = [method_for(f"model.layers.{i}.{block}.{n}", 0, 0) for n in names]
+            if len({(getattr(m, "name", "dense"), getattr(m, "bits", None), getattr(m, "group_size", None))
+                    for m in methods}) > 1:
                 return False
     return True
 

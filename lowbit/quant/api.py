@@ -25,7 +25,10 @@ GPTQ_METHODS = ("gptq", "awq-gptq")  # the methods that round with GPTQ (and so 
 DEFAULT_ACT_ORDER = True  # measured on the default model, see README "Weight quantization"
 # bit widths each on-disk layout holds: AutoAWQ's GEMM layout packs 4-bit codes only; the GPTQ
 # layout (AutoGPTQ / GPTQModel) packs 2, 3, 4 and 8.
-FORMAT_BITS = {"awq": (4,), "gptq": (2, 3, 4, 8)}
+# 5/6-bit codes pack into the same bit stream but only lowbit reads them, so they are kept to the
+# per-linear choices of `quantize mixed` (quant/mixed.py)
+STANDARD_BITS = (2, 3, 4, 8)
+FORMAT_BITS = {"awq": (4,), "gptq": STANDARD_BITS}
 DEFAULT_GROUP_SIZE = 128  # AWQ / LMDeploy default; refused with the valid sizes where it does not divide
 
 
@@ -42,7 +45,7 @@ class QuantizeResult:
 def check_options(method: str, w_bits: int, fmt: str, act_order: bool, static_groups: bool) -> None:
     if method not in METHODS:
         raise LowbitError(f"method {method!r}: expected one of {', '.join(METHODS)}")
-    check_bits(w_bits)
+    check_bits(w_bits, allowed=STANDARD_BITS)
     if fmt not in FORMAT_BITS:
         raise LowbitError(f"--format {fmt!r}: expected awq or gptq")
     if w_bits not in FORMAT_BITS[fmt]:
@@ -137,12 +140,24 @@ def quantize(model: str | Path | torch.nn.Module = "default", method: str = "awq
              calib_seqlen: int = DEFAULT_SEQLEN, seed: int = 0, device: str | None = None,
              act_order: bool | None = None, static_groups: bool = True, fmt: str | None = None, mse: bool = False,
              dtype: str = "fp32", overwrite: bool = False, awq_clip: bool = True, tokenizer=None,
-             log: Callable[[str], None] | None = print, **w8a8_options) -> QuantizeResult:
+             log: Callable[[str], None] | None = print, bpw: float | None = None,
+             measurement: str | Path | None = None, **w8a8_options) -> QuantizeResult:
     """Quantize MODEL's decoder linears with rtn | awq | gptq | awq-gptq and, with `work_dir`, write an
     AWQ- or GPTQ-format checkpoint there. Returns the fake-quantized model and the codes of every linear.
     act_order None: on for the GPTQ methods (DEFAULT_ACT_ORDER). mse: RTN and GPTQ search each
     group's range (rtn.group_scale_zero; off by default until a perplexity comparison decides);
-    AWQ has its own activation-aware clip search instead."""
+    AWQ has its own activation-aware clip search instead. "mixed" picks bits and group size per
+    linear for `bpw` from a measurement (quant/mixed.py)."""
+    if method == "mixed":
+        from lowbit.quant.mixed import quantize_mixed
+
+        if w8a8_options:
+            raise LowbitError(f"mixed: {', '.join(w8a8_options)} apply to smoothquant / w8a8 / fp8 only")
+        return quantize_mixed(model, work_dir, bpw=bpw, measurement=measurement, calib_dataset=calib_dataset,
+                              calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed, device=device,
+                              dtype=dtype, overwrite=overwrite, tokenizer=tokenizer, log=log)
+    if bpw is not None or measurement is not None:
+        raise LowbitError(f"{method}: --bpw and --measurement are options of `quantize mixed`")
     if method in ("smoothquant", "w8a8", "fp8"):  # 8-bit weights and activations: quant/w8a8_api.py
         from lowbit.quant.w8a8_api import quantize_w8a8
 

@@ -121,7 +121,11 @@ def quantize_model_layers(model, method: LayerMethod, calib_ids: torch.Tensor | 
         for name, qw in method.quantize_layer(layer, inputs, f"model.layers.{i}").items():
             qweights[f"model.layers.{i}.{name}"] = qw
         msg = f"layer {i + 1}/{n_layers}  elapsed {time.time() - t0:.1f}s"
-        if inputs is not None:
+        if inputs is not None and getattr(method, "keeps_weights", False):
+            # a method that only measures (quant/measure.py) leaves the weights as they were: the fp
+            # outputs are the next inputs, and there is no quantized output to compare
+            inputs = LayerInputs(out_fp, inputs.cos, inputs.sin)
+        elif inputs is not None:
             out_q = inputs.forward(layer)
             err = relative_error(out_q, out_fp, inputs.hidden)
             errors.append(err)

@@ -5,6 +5,8 @@ in fp16, the tokenizer, generation_config.json. Built in a hidden sibling and re
 """
 from __future__ import annotations
 
+import re
+from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
@@ -23,15 +25,19 @@ LAYOUT_BITS = {"awq": awq_format.BITS, "gptq": gptq_format.BITS}
 def quantization_config(fmt: str, qweights: dict[str, QuantizedWeight], dense: list[str] | None = None) -> dict:
     """The `quantization_config` of config.json, with the keys transformers' AwqConfig / GPTQConfig read;
     `dense` names linears left unquantized (written as `modules_to_not_convert`). Refuses what the
-    layout cannot store: other bit widths, mixed settings, g_idx in awq."""
+    layout cannot store: other bit widths, mixed settings (but for gptq's per-linear bits and group
+    sizes, see _mixed_gptq_config), g_idx in awq."""
     if fmt not in LAYOUT_BITS:
         raise LowbitError(f"--format {fmt!r}: expected awq or gptq")
     if not qweights:
         raise LowbitError("nothing to write: no quantized linear layers")
     first_name, first = next(iter(qweights.items()))
-    if first.bits not in LAYOUT_BITS[fmt]:
-        raise LowbitError(f"--format {fmt} stores {', '.join(map(str, LAYOUT_BITS[fmt]))}-bit codes, not "
-                          f"{first.bits}-bit ({first_name})")
+    for name, qw in qweights.items():
+        if qw.bits not in LAYOUT_BITS[fmt]:
+            raise LowbitError(f"--format {fmt} stores {', '.join(map(str, LAYOUT_BITS[fmt]))}-bit codes, not "
+                              f"{qw.bits}-bit ({name})")
+    if fmt == "gptq" and len({(qw.bits, qw.group_size) for qw in qweights.values()}) > 1:
+        return _mixed_gptq_config(qweights, dense)
     for name, qw in qweights.items():  # one config for the whole checkpoint
         if (qw.bits, qw.group_size, qw.symmetric) != (first.bits, first.group_size, first.symmetric):
             raise LowbitError(f"{name}: w{qw.bits} g{qw.group_size} sym={qw.symmetric} differs from {first_name}'s "
@@ -45,6 +51,24 @@ def quantization_config(fmt: str, qweights: dict[str, QuantizedWeight], dense: l
                 "zero_point": not first.symmetric, "version": "gemm", "modules_to_not_convert": dense or None}
     config = {"quant_method": "gptq", "bits": first.bits, "group_size": first.group_size, "desc_act": bool(act_order),
               "sym": first.symmetric, "checkpoint_format": "gptq"}
+    return {**config, "modules_to_not_convert": dense} if dense else config
+
+
+def _mixed_gptq_config(qweights: dict[str, QuantizedWeight], dense: list[str] | None) -> dict:
+    """Per-linear bits / group sizes (quantize mixed) as GPTQModel's `dynamic` override, which vLLM's
+    GPTQ config reads too: the most common setting is the base, every other linear gets an entry
+    `"+:^model\\.layers\\.3\\.mlp\\.down_proj$": {"bits": 6, "group_size": 32}` (the first regex that
+    `re.match`es a module name wins; "-:" entries, which we do not write, would leave it dense)."""
+    settings = Counter((qw.bits, qw.group_size) for qw in qweights.values())
+    (bits, group_size), _ = settings.most_common(1)[0]
+    symmetric = {qw.symmetric for qw in qweights.values()}
+    if len(symmetric) > 1:
+        raise LowbitError("mixed gptq checkpoint: every linear must be symmetric or every one asymmetric")
+    dynamic = {f"+:^{re.escape(name)}$": {"bits": qw.bits, "group_size": qw.group_size}
+               for name, qw in qweights.items() if (qw.bits, qw.group_size) != (bits, group_size)}
+    config = {"quant_method": "gptq", "bits": bits, "group_size": group_size,
+              "desc_act": any(qw.g_idx is not None for qw in qweights.values()), "sym": symmetric.pop(),
+              "checkpoint_format": "gptq", "dynamic": dynamic}
     return {**config, "modules_to_not_convert": dense} if dense else config
 
 
@@ -83,9 +107,10 @@ def check_quantized_names(net, qweights: dict) -> list[str]:
 
 
 def write_checkpoint(out: Path, net, tokenizer, tensors: Iterator[tuple[str, torch.Tensor]], qconfig: dict,
-                     overwrite: bool) -> Path:
+                     overwrite: bool, extra_json: dict[str, dict] | None = None) -> Path:
     """An HF directory: config.json with `quantization_config`, generation_config.json, the tokenizer
-    and model.safetensors from `tensors`, built in a hidden sibling and renamed at the end."""
+    and model.safetensors from `tensors` (and `extra_json`: file name -> content), built in a hidden
+    sibling and renamed at the end."""
     cfg = net.config
     hf = cfg.to_hf()
     if cfg.family == "internlm2":  # our loader already split wqkv: write it as the Llama it now is
@@ -97,18 +122,24 @@ def write_checkpoint(out: Path, net, tokenizer, tensors: Iterator[tuple[str, tor
         with atomic_output_dir(out, overwrite) as tmp:
             write_tensors(tmp, tensors, metadata={"quant_method": qconfig["quant_method"]})
             write_json(tmp / "config.json", hf)
+            if qconfig.get("dynamic"):  # GPTQModel reads per-module overrides from its own file
+                write_json(tmp / "quantize_config.json", qconfig)
             write_json(tmp / "generation_config.json", gen)
             tokenizer.save(tmp)
+            for name, content in (extra_json or {}).items():
+                write_json(tmp / name, content)
     except OSError as e:  # atomic_output_dir turns ENOSPC into a LowbitError; anything else lands here
         raise LowbitError(f"{out}: could not write the checkpoint ({e.strerror or e}); nothing was left behind") from None
     return out
 
 
 def save_quantized(work_dir: str | Path, net, qweights: dict[str, QuantizedWeight], fmt: str, tokenizer, *,
-                   overwrite: bool = False, extra_config: dict | None = None) -> Path:
+                   overwrite: bool = False, extra_config: dict | None = None,
+                   extra_json: dict[str, dict] | None = None) -> Path:
     """Write `net` (dense, with the dequantized weights) with its linears packed from `qweights` into
     work_dir in the awq or gptq layout; returns work_dir. extra_config is merged into
     `quantization_config` (quantize passes {"lowbit": the options it ran with})."""
     dense = check_quantized_names(net, qweights)
     qconfig = {**quantization_config(fmt, qweights, dense), **(extra_config or {})}
-    return write_checkpoint(Path(work_dir), net, tokenizer, checkpoint_tensors(net, qweights, fmt), qconfig, overwrite)
+    return write_checkpoint(Path(work_dir), net, tokenizer, checkpoint_tensors(net, qweights, fmt), qconfig, overwrite,
+                            extra_json)

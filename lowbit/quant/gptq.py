@@ -150,8 +150,18 @@ class GPTQMethod:
             inputs.capture(layer, group, lambda n, x: acc[n].add(x))
             for n in group:
                 linear = layer.get_submodule(n)
-                qw = gptq_quantize(linear.weight.data, acc[n].h_in_in, self.bits, self.group_size, self.symmetric,
+                bits, group_size = self.setting(f"{prefix}.{n}")
+                qw = gptq_quantize(linear.weight.data, acc[n].h_in_in, bits, group_size, self.symmetric,
                                    self.act_order, self.static_groups, self.damp_percent, mse=self.mse, name=f"{prefix}.{n}")
+                self.quantized(f"{prefix}.{n}", linear.weight.data, qw, acc[n].h_in_in)
                 set_weight(linear, qw)
                 out[n] = qw
         return out
+
+    def setting(self, key: str) -> tuple[int, int]:
+        """(bits, group_size) of linear `key`: one for all here; per linear in quant/mixed.py."""
+        return self.bits, self.group_size
+
+    def quantized(self, key: str, weight: torch.Tensor, qw: QuantizedWeight, hessian: torch.Tensor) -> None:
+        """Called with each linear's full-precision weight and result before the weight is replaced
+        (quant/mixed.py records the output error there)."""

@@ -14,13 +14,15 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.quant.qweight import QuantizedWeight
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+# 5 and 6 bits are for mixed-precision checkpoints (quant/mixed.py); uniform `--w-bits` keeps the
+# widths every GPTQ reader takes (api.STANDARD_BITS)
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 MIN_SCALE = 1e-8  # a group of equal weights: any positive scale reproduces it through the zero point
 
 
-def check_bits(bits: int, where: str = "--w-bits") -> None:
-    if bits not in SUPPORTED_BITS:
-        raise LowbitError(f"{where} {bits}: supported bit widths are {', '.join(map(str, SUPPORTED_BITS))}")
+def check_bits(bits: int, where: str = "--w-bits", allowed: tuple[int, ...] = SUPPORTED_BITS) -> None:
+    if bits not in allowed:
+        raise LowbitError(f"{where} {bits}: supported bit widths are {', '.join(map(str, allowed))}")
 
 
 def group_size_of(in_features: int, group_size: int) -> int:
