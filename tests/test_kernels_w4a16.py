@@ -125,8 +125,8 @@ def test_w4a16_layout_round_trip():
 
 def test_w4a16_errors():
     codes, scales, zeros, _ = make_weight(8, 64, 4, 32, False, False)
-    with pytest.raises(ValueError, match="5-bit"):
-        pack_w4a16(codes, scales, zeros, 32, bits=5)
+    with pytest.raises(ValueError, match="7-bit"):
+        pack_w4a16(codes, scales, zeros, 32, bits=7)
     with pytest.raises(ValueError, match="does not divide"):
         pack_w4a16(codes, scales, zeros, 48, bits=4)
     w = pack_w4a16(codes.to(DEV), scales.to(DEV), zeros.to(DEV), 32)

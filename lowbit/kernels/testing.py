@@ -14,7 +14,7 @@ import sys
 import torch
 
 # dependency order: a module is reloaded after the modules whose kernels it calls
-_KERNEL_MODULES = ("w4a16", "kv_tile", "kv_write", "paged_attention", "prefill_attention", "rmsnorm", "rotary",
+_KERNEL_MODULES = ("tile_order", "w4a16", "kv_tile", "kv_write", "paged_attention", "prefill_attention", "rmsnorm", "rotary",
                    "activation", "w8a8")
 
 

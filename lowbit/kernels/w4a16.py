@@ -44,6 +44,7 @@ import triton.language as tl
 from lowbit.kernels import cuda_ext
 from lowbit.kernels._common import interpreting, new_empty, next_pow2, pick_config, sm_count
 from lowbit.kernels.pdl import launch_options, use_pdl
+from lowbit.kernels.tile_order import grouped_tile
 from lowbit.kernels.w4a16_gemv import _gemv_fold_kernel, _gemv_h2_kernel, _gemv_kernel
 from lowbit.kernels.w4a16_mma import _mm_h2_kernel
 from lowbit.kernels.w4a16_tiles import DOT_F32, _dequant, _finish, _plane_scales
@@ -196,13 +197,7 @@ def _mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, pg_ptr, out_ptr, ws_ptr, lock_ptr,
     E: tl.constexpr = 32 // CB
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
-    grid_m = tl.cdiv(M, BM)
-    grid_n = tl.cdiv(N, BN)
-    width = GROUP_M * grid_n  # GROUP_M row tiles walk the N tiles together: x and W stay in L2
-    first_m = (pid // width) * GROUP_M
-    rows_here = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % rows_here
-    pid_n = (pid % width) // rows_here
+    pid_m, pid_n = grouped_tile(pid, M, N, BM, BN, GROUP_M)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_p = tl.arange(0, P)

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels._common import interpreting, new_empty, next_pow2, pick_config
+from lowbit.kernels.tile_order import grouped_tile
 
 INT8_MAX = 127
 MIN_SCALE = 1e-10  # an all-zero token: any positive scale gives codes of 0
@@ -87,14 +88,7 @@ def quantize_rows_ref(x_mxk: torch.Tensor, static_scale: torch.Tensor | None = N
 def _int8_gemm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, c_ptr, M, N, K,
                       stride_am, stride_bn, stride_cm, SA_PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BM)
-    grid_n = tl.cdiv(N, BN)
-    width = GROUP_M * grid_n  # GROUP_M row tiles walk the column tiles together: A and B stay in L2
-    first_m = (pid // width) * GROUP_M
-    rows_here = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % rows_here
-    pid_n = (pid % width) // rows_here
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_k = tl.arange(0, BK)
