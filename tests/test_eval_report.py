@@ -35,3 +35,7 @@ def test_report_of_the_default_model_and_an_rtn_checkpoint(tmp_path, smol, monke
     assert "rtn-w4g64" in table and "boolq (acc)" in table
     saved = json.loads((ck / "eval_results.json").read_text())
     assert saved["results"] == q and saved["reference"] == "default" and saved["data_sha256"]
+    from lowbit.loading.info import format_info, model_info
+
+    shown = format_info(model_info(ck, "cpu"))
+    assert f"ppl {q['ppl']:.4f}" in shown and "boolq acc" in shown and "vs default" in shown

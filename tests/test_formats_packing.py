@@ -107,8 +107,8 @@ def test_gptq_v2_stores_zeros_as_is():
 def test_layouts_refuse_what_they_cannot_hold():
     from lowbit.errors import LowbitError
 
-    with pytest.raises(LowbitError, match="5-bit"):
-        gptq_format.pack_last(torch.zeros(1, 32), 5)
+    with pytest.raises(LowbitError, match="7-bit"):
+        gptq_format.pack_last(torch.zeros(1, 32), 7)
     with pytest.raises(LowbitError, match="multiple of 32"):
         gptq_format.pack(torch.zeros(32, 40, dtype=torch.uint8), torch.ones(32, 1), torch.ones(32, 1), 4, -1)
     with pytest.raises(LowbitError, match="multiple of 8"):

@@ -6,7 +6,8 @@ over the weights they encode), WikiText-2 perplexity, KL(reference || model) wit
 on the same windows (the reference model stays loaded: live logits, no top-k truncation), and the
 task accuracies of `lowbit eval tasks`. Writes report.md, report.json and report.png into the output
 directory (built in a temporary sibling and renamed), and each checkpoint directory's own results
-into its eval_results.json, so a quantized model carries its measured cost with it.
+into its eval_results.json, so a quantized model carries its measured cost with it (`lowbit info`
+shows it).
 """
 from __future__ import annotations
 
@@ -216,7 +217,7 @@ def write_results_into(path: Path, row: dict, report: dict) -> None:
         return
     data = {"results": row, "dataset": report["dataset"], "seqlen": report["seqlen"], "windows": report["windows"],
             "reference": report["rows"][0]["checkpoint"],
-            **{k: report[k] for k in ("command", "data_sha256", "versions", "device") if k in report}}
+            **{k: report[k] for k in ("command", "data_sha256", "versions", "device", "finished_at") if k in report}}
     tmp = path / f".{RESULTS_FILE}.tmp"
     tmp.write_text(json.dumps(data, indent=1) + "\n")
     os.replace(tmp, path / RESULTS_FILE)

@@ -3,12 +3,14 @@
 layers would run on this machine (`lowbit/layers/kernel_report.py`)."""
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from lowbit.errors import LowbitError
 from lowbit.layers.kernel_report import format_kernels, planned_kernels
 from lowbit.loading.loader import default_device, open_checkpoint
 
@@ -42,6 +44,8 @@ class ModelInfo:
     linear_bpw: float | None = None
     # per-module overrides (gptq `dynamic`, written by quantize mixed): linear -> "4b g64" / "fp16"
     bit_map: dict = field(default_factory=dict)
+    # what `lowbit eval report` measured and wrote into the checkpoint directory (eval_results.json)
+    eval_results: dict = field(default_factory=dict)
     device: str = "cpu"  # where it would run: the GPU when there is one
     kernels: dict = field(default_factory=dict)  # role -> implementation there (kernel_report.planned_kernels)
 
@@ -105,6 +109,12 @@ def model_info(path: str | Path, device: str | torch.device | None = None) -> Mo
     if kind in ("awq", "gptq"):
         info.linear_bpw, bit_map = _linear_bits(cfg, quant, str(path))
         info.bit_map = bit_map if quant.get("dynamic") else {}
+    results = path / "eval_results.json" if path.is_dir() else None
+    if results is not None and results.is_file():
+        try:
+            info.eval_results = json.loads(results.read_text())
+        except ValueError as e:
+            raise LowbitError(f"{results}: not readable JSON ({e}); rerun `lowbit eval report` or delete it") from None
     info.device = str(device)
     layer_format = kind if kind != "compressed-tensors" else ("fp8" if info.scheme and "fp8" in info.scheme else "w8a8")
     info.kernels = planned_kernels(layer_format, info.bits, device)
@@ -183,5 +193,19 @@ def format_info(info: ModelInfo) -> str:
              ("bytes/param", f"{info.bytes_per_param:.3f} (tensor files / dense parameters; "
                              f"{8 * info.bytes_per_param:.2f} bits)"),
              (f"kernels ({info.device})", format_kernels(info.kernels))]
+    if info.eval_results:
+        rows.append(("measured", format_eval_results(info.eval_results)))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def format_eval_results(data: dict) -> str:
+    """One line of eval_results.json: ppl, KLD / top-1 against its reference, task headline scores."""
+    r = data.get("results", {})
+    parts = [f"{data.get('dataset', '?')} ppl {r['ppl']:.4f} ({data.get('windows', '?')} windows of "
+             f"{data.get('seqlen', '?')})"] if "ppl" in r else []
+    if "kld_mean" in r:
+        parts.append(f"KLD {r['kld_mean']:.5f}, top-1 {100 * r['top1']:.2f}% vs {data.get('reference', '?')}")
+    for task, t in (r.get("tasks") or {}).items():
+        parts.append(f"{task} acc {t['acc']:.4f}")
+    return "; ".join(parts) + f" (eval_results.json, {data.get('finished_at', '')})"
