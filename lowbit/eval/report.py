@@ -113,7 +113,8 @@ def evaluate_checkpoint(name: str, triple, reference, opts: ReportOptions, windo
         d = res.to_dict()
         d.pop("samples", None)
         d.pop("groups", None)
-        row["tasks"][task] = d
+        # one item has no standard error: None (JSON has no NaN)
+        row["tasks"][task] = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in d.items()}
     return row
 
 
@@ -181,11 +182,16 @@ def markdown_table(report: dict) -> str:
         cells = [r["checkpoint"], f"{r['size_bytes'] / 1e6:.1f}", bpw, f"{r['ppl']:.4f}",
                  f"{r['kld_mean']:.5f}" if "kld_mean" in r else "(reference)",
                  f"{100 * r['top1']:.2f}" if "top1" in r else "-"]
-        cells += [f"{r['tasks'][t][HEADLINE[t]]:.4f} ± {r['tasks'][t][HEADLINE[t] + '_stderr']:.4f}" for t in tasks]
+        cells += [_score(r["tasks"][t], HEADLINE[t]) for t in tasks]
         lines.append("| " + " | ".join(cells) + " |")
     note = (f"\n{report['dataset']}: {report['windows']} windows of {report['seqlen']} tokens; KLD and top-1 against "
             f"the first row. Command: `{report['command']}`\n")
     return "\n".join(lines) + "\n" + note
+
+
+def _score(result: dict, metric: str) -> str:
+    se = result.get(metric + "_stderr")
+    return f"{result[metric]:.4f}" + (f" ± {se:.4f}" if se is not None else "")
 
 
 def plot_report(report: dict, path: Path) -> None:
