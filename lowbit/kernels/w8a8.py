@@ -21,6 +21,9 @@ from lowbit.kernels.tile_order import grouped_tile
 
 INT8_MAX = 127
 MIN_SCALE = 1e-10  # an all-zero token: any positive scale gives codes of 0
+# the same two for the kernels: Triton reads only constexpr globals (the interpreter does not check)
+_QMAX = tl.constexpr(127.0)
+_MIN_SCALE = tl.constexpr(MIN_SCALE)
 
 
 # ---- activation quantization ------------------------------------------------------------------
@@ -41,20 +44,20 @@ def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, static_ptr, K, stride_x, stride_q,
     offs = tl.arange(0, BLOCK)
     if STATIC:
         scale = tl.load(static_ptr).to(tl.float32)
-        lo = -INT8_MAX - 1.0  # static scales clip: the calibrated range may be exceeded
+        lo = -_QMAX - 1.0  # static scales clip: the calibrated range may be exceeded
     else:
         amax = tl.zeros((BLOCK,), tl.float32)
         for k0 in range(0, K, BLOCK):
             x = tl.load(x_ptr + row * stride_x + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(x))
-        scale = tl.maximum(tl.max(amax, 0) / INT8_MAX, MIN_SCALE)
+        scale = tl.maximum(tl.max(amax, 0) / _QMAX, _MIN_SCALE)
         tl.store(s_ptr + row, scale)
-        lo = -INT8_MAX * 1.0
+        lo = -_QMAX
     for k0 in range(0, K, BLOCK):
         m = k0 + offs < K
         x = tl.load(x_ptr + row * stride_x + k0 + offs, mask=m, other=0.0).to(tl.float32)
         q = _rint(tl.math.div_rn(x, scale))  # IEEE division, as the reference's (`/` is approximate)
-        q = tl.minimum(tl.maximum(q, lo), INT8_MAX * 1.0)
+        q = tl.minimum(tl.maximum(q, lo), _QMAX)
         tl.store(q_ptr + row * stride_q + k0 + offs, q.to(tl.int8), mask=m)
 
 
