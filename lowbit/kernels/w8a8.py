@@ -16,14 +16,15 @@ import torch
 import triton
 import triton.language as tl
 
+from lowbit.formats.compressed_tensors import INT8_MAX
 from lowbit.kernels._common import interpreting, new_empty, next_pow2, pick_config
+from lowbit.kernels.int8_quant_ref import INT8_MIN_SCALE, quantize_int8_per_token, quantize_int8_static
 from lowbit.kernels.tile_order import grouped_tile
 
-INT8_MAX = 127
-MIN_SCALE = 1e-10  # an all-zero token: any positive scale gives codes of 0
-# the same two for the kernels: Triton reads only constexpr globals (the interpreter does not check)
-_QMAX = tl.constexpr(127.0)
-_MIN_SCALE = tl.constexpr(MIN_SCALE)
+# the reference's constants for the kernels: Triton reads only constexpr globals (the interpreter
+# does not check)
+_QMAX = tl.constexpr(float(INT8_MAX))
+_MIN_SCALE = tl.constexpr(INT8_MIN_SCALE)
 
 
 # ---- activation quantization ------------------------------------------------------------------
@@ -77,13 +78,11 @@ def quantize_rows(x_mxk: torch.Tensor, static_scale: torch.Tensor | None = None
 
 def quantize_rows_ref(x_mxk: torch.Tensor, static_scale: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain PyTorch: symmetric int8 per row (dynamic) or with one scale (static, clipped to -128..127)."""
-    x = x_mxk.float()
+    """Plain PyTorch, `quantize_rows`'s contract: the W8A8 layer's own per-token or static rule."""
     if static_scale is not None:
         s = static_scale.float().reshape(1)
-        return torch.round(x / s).clamp(-INT8_MAX - 1, INT8_MAX).to(torch.int8), s
-    s = (x.abs().amax(-1) / INT8_MAX).clamp(min=MIN_SCALE)
-    return torch.round(x / s[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8), s
+        return quantize_int8_static(x_mxk, s), s
+    return quantize_int8_per_token(x_mxk)
 
 
 # ---- the GEMM ---------------------------------------------------------------------------------

@@ -19,27 +19,15 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.formats.compressed_tensors import FP8_E4M3_MAX, INT8_MAX, W8A8Scheme
+from lowbit.formats.compressed_tensors import FP8_E4M3_MAX, W8A8Scheme
+from lowbit.kernels.int8_quant_ref import quantize_int8_per_token, quantize_int8_static
 from lowbit.layers.linear import LinearMethod, register_method
 
 K_CHUNK = 512  # 128 * 128 * 512 = 2^23 < 2^24: each float32 partial sum of int8 products is exact
 FP8_MIN_SCALE = 1.0 / (FP8_E4M3_MAX * 512.0)  # floor of a per-token fp8 scale (vLLM's MIN_SCALING_FACTOR)
-INT8_MIN_SCALE = 1e-10  # an all-zero token: any positive scale gives codes of 0
 
 
 # ---- the reference ----------------------------------------------------------------------------
-def quantize_int8_per_token(x_mxk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic symmetric int8 per token: (codes int8 [M, K], scale float32 [M]); x ~ codes * scale."""
-    x = x_mxk.float()
-    scale = (x.abs().amax(-1) / INT8_MAX).clamp(min=INT8_MIN_SCALE)
-    return torch.round(x / scale[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8), scale
-
-
-def quantize_int8_static(x_mxk: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Static symmetric int8 with one calibrated scale: values beyond 128 steps are clipped."""
-    return torch.round(x_mxk.float() / scale.float()).clamp(-INT8_MAX - 1, INT8_MAX).to(torch.int8)
-
-
 def quantize_fp8_per_token(x_mxk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic fp8 e4m3 per token: (values float8_e4m3fn [M, K], scale float32 [M])."""
     x = x_mxk.float()
