@@ -179,21 +179,19 @@ def eval_tasks(model: str = typer.Argument("default", help=MODEL_HELP),
     strict and flexible), scored as lm-evaluation-harness does."""
     import json
 
-    from lowbit.eval.gsm8k import evaluate_gsm8k
     from lowbit.eval.provenance import provenance
-    from lowbit.eval.tasks import evaluate_task, parse_tasks
+    from lowbit.eval.tasks import parse_tasks, run_task
 
     names = parse_tasks(tasks)
     triple = _load(model, dtype, device)
-    m, tok, _ = triple
+    m = triple[0]
     results, files = [], {}
     for name in names:
-        if name == "gsm8k":  # generative: through the engine, batched
-            res = evaluate_gsm8k(triple, limit, num_fewshot, max(batch_size, 16))
+        res = run_task(triple, name, limit, num_fewshot, batch_size)
+        if name == "gsm8k":  # generative: acc is the strict exact match, acc_norm the flexible one
             scores = (f"exact_match strict {res.acc:.4f} ± {res.acc_stderr:.4f}  "
                       f"flexible {res.acc_norm:.4f} ± {res.acc_norm_stderr:.4f}")
         else:
-            res = evaluate_task(m, tok, name, limit, num_fewshot, batch_size)
             scores = f"acc {res.acc:.4f} ± {res.acc_stderr:.4f}  acc_norm {res.acc_norm:.4f} ± {res.acc_norm_stderr:.4f}"
         results.append(res.to_dict())
         files.update(res.files)

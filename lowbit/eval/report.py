@@ -84,13 +84,12 @@ def linear_weights(model) -> int:
 
 def evaluate_checkpoint(name: str, triple, reference, opts: ReportOptions, windows) -> dict:
     """One row of the report (reference: the first checkpoint's model, None for the first itself)."""
-    from lowbit.eval.gsm8k import evaluate_gsm8k
     from lowbit.eval.kld import _stats, kld_windows
     from lowbit.eval.ppl import window_nll
-    from lowbit.eval.tasks import evaluate_task
+    from lowbit.eval.tasks import run_task
     from lowbit.models.default import resolve_model
 
-    model, tok, ckpt = triple
+    model, _, ckpt = triple
     path = resolve_model(name)
     bits = stored_linear_bits(ckpt)
     n_weights = linear_weights(model)
@@ -106,11 +105,7 @@ def evaluate_checkpoint(name: str, triple, reference, opts: ReportOptions, windo
                    top1=stats["top1_agreement"])
     row["tasks"] = {}
     for task in opts.tasks:
-        if task == "gsm8k":
-            res = evaluate_gsm8k(triple, opts.task_limit, opts.num_fewshot, max(opts.batch_size, 16))
-        else:
-            res = evaluate_task(model, tok, task, opts.task_limit, opts.num_fewshot, opts.batch_size)
-        d = res.to_dict()
+        d = run_task(triple, task, opts.task_limit, opts.num_fewshot, opts.batch_size).to_dict()
         d.pop("samples", None)
         d.pop("groups", None)
         # one item has no standard error: None (JSON has no NaN)

@@ -34,6 +34,21 @@ class TaskResult:
         return asdict(self)
 
 
+GENERATIVE_BATCH = 16  # gsm8k: at least this many questions per engine batch (generation, not scoring)
+
+
+def run_task(triple, task: str, limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 4,
+             show_progress: bool = True) -> "TaskResult":
+    """Any task of TASKS on a loaded (model, tokenizer, checkpoint): gsm8k by generation through the
+    engine (lowbit/eval/gsm8k.py), the others by log-likelihood (`evaluate_task`)."""
+    if task == "gsm8k":
+        from lowbit.eval.gsm8k import evaluate_gsm8k
+
+        return evaluate_gsm8k(triple, limit, num_fewshot, max(batch_size, GENERATIVE_BATCH),
+                              show_progress=show_progress)
+    return evaluate_task(triple[0], triple[1], task, limit, num_fewshot, batch_size, show_progress)
+
+
 def mean_stderr(xs: list[float]) -> tuple[float, float]:
     n = len(xs)
     mean = sum(xs) / n
