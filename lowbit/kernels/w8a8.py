@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 
 from lowbit.formats.compressed_tensors import INT8_MAX
+from lowbit.formats.int8_activations import INT8_MIN_SCALE, quantize_int8_per_token, quantize_int8_static
 from lowbit.kernels._common import interpreting, new_empty, next_pow2, pick_config
-from lowbit.kernels.int8_quant_ref import INT8_MIN_SCALE, quantize_int8_per_token, quantize_int8_static
 from lowbit.kernels.tile_order import grouped_tile
 
 # the reference's constants for the kernels: Triton reads only constexpr globals (the interpreter

@@ -20,7 +20,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.formats.compressed_tensors import FP8_E4M3_MAX, W8A8Scheme
-from lowbit.kernels.int8_quant_ref import quantize_int8_per_token, quantize_int8_static
+from lowbit.formats.int8_activations import quantize_int8_per_token, quantize_int8_static
 from lowbit.layers.linear import LinearMethod, register_method
 
 K_CHUNK = 512  # 128 * 128 * 512 = 2^23 < 2^24: each float32 partial sum of int8 products is exact
