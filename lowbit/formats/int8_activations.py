@@ -1,6 +1,7 @@
-"""Symmetric int8 activation quantization in plain PyTorch: the one rule that the W8A8 layer's CPU
-path (lowbit/layers/w8a8_linear.py) runs and that the Triton kernel (lowbit/kernels/w8a8.py) is
-checked against, so the two cannot drift apart. No Triton here: the CPU path imports it."""
+"""compressed-tensors' int8 input activations (symmetric, per token or one static scale) as codes,
+in plain PyTorch: the one rule that the W8A8 layer's CPU path (lowbit/layers/w8a8_linear.py) runs
+and that the Triton kernel (lowbit/kernels/w8a8.py) is checked against, so the two cannot drift
+apart. No Triton here: the CPU path imports it."""
 from __future__ import annotations
 
 import torch
