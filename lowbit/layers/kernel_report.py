@@ -55,12 +55,12 @@ def by_device(device: torch.device) -> dict[str, str]:
     return {"rmsnorm": _name(rmsnorm), "rotary": _name(rotary_cos_sin), "silu_and_mul": _name(silu_and_mul)}
 
 
-def _linear(method: LinearMethod) -> str:
+def _linear(module) -> str:
+    method = module.method
     if method.name == "dense":
         return TORCH_DENSE
-    if method.name in TORCH_W8A8:
-        on_gpu = getattr(method, "device_type", "cpu") == "cuda"
-        return (W8A8_CUDA if on_gpu else TORCH_W8A8)[method.name]
+    if method.name in TORCH_W8A8:  # W8A8 layers choose by the device their weight is on
+        return (W8A8_CUDA if module.weight.is_cuda else TORCH_W8A8)[method.name]
     # a packed format holds the W4A16 kernel's weight once after_load found the kernel (CUDA only)
     weight = getattr(method, "_kernel_weight", None)
     return _w4a16_label(weight.qweight_int32_kxn.device) if weight else TORCH_PACKED
@@ -80,7 +80,7 @@ def kernels_in_use(model, cache=None) -> dict:
     for module in model.modules():
         method = getattr(module, "method", None)
         if isinstance(method, LinearMethod):
-            linear.setdefault(method.name, set()).add(_linear(method))
+            linear.setdefault(method.name, set()).add(_linear(module))
     report: dict = {"linear": {fmt: " | ".join(sorted(impls)) for fmt, impls in sorted(linear.items())},
                     **by_device(next(model.parameters()).device)}
     if cache is not None:

@@ -132,10 +132,7 @@ class W8A8LinearMethod(LinearMethod):
             layer.__dict__["_w_f32"] = kept
         return kept[2]
 
-    device_type = "cpu"  # where apply last ran (kernel_report names the path)
-
     def apply(self, layer, x):
-        self.device_type = x.device.type
         if x.is_cuda and self.scheme.weight_type == "int":
             from lowbit.kernels.w8a8 import w8a8_int8_matmul  # Triton: only where there is a GPU
 
