@@ -24,8 +24,31 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 
+def timed_steps(llm, prompts, params, steps: int, batch: int) -> dict:
+    """The engine's decode step as served (host work included), and the same step's CUDA graph
+    replayed back to back (GPU only): their difference is the host's share of a step."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    llm.generate(prompts, params)
+    torch.cuda.synchronize()
+    step_us = (time.perf_counter() - t0) / steps * 1e6
+    graphs = llm.engine.runner.graphs
+    graph_us = None
+    if graphs is not None:
+        replay = graphs.graphs[next(s for s in graphs.sizes if s >= batch)]
+        replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            replay()
+        end.record()
+        torch.cuda.synchronize()
+        graph_us = start.elapsed_time(end) * 1e3 / steps
+    return {"step_us": step_us, "graph_replay_us": graph_us}
+
+
 def decode_profile(arch: str, w_bits: int, steps: int, kv_bits: int = 16, enforce_eager: bool = False,
-                   batch: int = 1) -> dict:
+                   batch: int = 1, trace: bool = True) -> dict:
     from lowbit.bench.common import environment
     from lowbit.engine.llm import LLM
     from lowbit.engine.sampling_params import SamplingParams
@@ -37,12 +60,11 @@ def decode_profile(arch: str, w_bits: int, steps: int, kv_bits: int = 16, enforc
     params = SamplingParams(max_tokens=steps, ignore_eos=True)
     prompts = [[1 + i] for i in range(batch)]  # `batch` sequences decoding together
     llm.generate(prompts, SamplingParams(max_tokens=16, ignore_eos=True))  # warm-up (tuning, compile)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    llm.generate(prompts, params)
-    torch.cuda.synchronize()
-    wall = time.perf_counter() - t0
-    step_us = wall / steps * 1e6
+    step_us, graph_us = timed_steps(llm, prompts, params, steps, batch).values()
+    if not trace:
+        return {"arch": arch, "w_bits": w_bits, "kv_bits": kv_bits, "steps": steps, "batch": batch,
+                "step_us_timed": step_us, "graph_replay_us": graph_us,
+                "cuda_graphs": llm.engine.runner.graph_status, "env": environment(torch.device("cuda")), "rows": []}
 
     from torch.profiler import ProfilerActivity, profile
 
@@ -60,7 +82,7 @@ def decode_profile(arch: str, w_bits: int, steps: int, kv_bits: int = 16, enforc
                   key=lambda r: -r["us_per_step"])
     return {"arch": arch, "w_bits": w_bits, "kv_bits": kv_bits, "steps": steps, "batch": batch,
             "output_tokens_per_s_timed": batch * 1e6 / step_us, "cuda_graphs": llm.engine.runner.graph_status,
-            "step_us_timed": step_us, "tokens_per_s_timed": 1e6 / step_us,
+            "step_us_timed": step_us, "tokens_per_s_timed": 1e6 / step_us, "graph_replay_us": graph_us,
             "kernels_per_step": len(kernels) / steps, "kernel_us_per_step": total_us / steps,
             "profiled_span_us_per_step": span / steps, "env": environment(torch.device("cuda")), "rows": rows}
 
@@ -73,18 +95,25 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--batch", type=int, default=1, help="sequences decoding together")
+    ap.add_argument("--no-trace", action="store_true", help="timings only, no torch.profiler pass")
     ap.add_argument("--out", default=os.environ.get("OUT") or "profile-out")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for w in args.w_bits:
-        rec = decode_profile(args.arch, w, args.steps, args.kv_bits, args.eager, args.batch)
+        rec = decode_profile(args.arch, w, args.steps, args.kv_bits, args.eager, args.batch, not args.no_trace)
         rec["command"] = " ".join(sys.argv)
+        if args.no_trace:
+            (out / f"steps_{args.arch}_w{w}_kv{args.kv_bits}_b{args.batch}.json").write_text(
+                json.dumps(rec, indent=1, default=str))
+            print(f"\n== {args.arch} w{w} batch {args.batch}: step {rec['step_us_timed']:.0f} us as served, "
+                  f"graph replay {rec['graph_replay_us']:.0f} us")
+            continue
         (out / f"profile_{args.arch}_w{w}_kv{args.kv_bits}_b{args.batch}.json").write_text(json.dumps(rec, indent=1, default=str))
         print(f"\n== {args.arch} w{w} kv{args.kv_bits} batch {args.batch}: {rec['output_tokens_per_s_timed']:.1f} "
               f"output tok/s, step "
               f"{rec['step_us_timed']:.0f} us, {rec['kernels_per_step']:.0f} kernels/step, kernel time "
-              f"{rec['kernel_us_per_step']:.0f} us/step, span {rec['profiled_span_us_per_step']:.0f} us/step "
+              f"{rec['kernel_us_per_step']:.0f} us/step, graph replay {rec['graph_replay_us']:.0f} us/step, span {rec['profiled_span_us_per_step']:.0f} us/step "
               f"({rec['cuda_graphs']})")
         for r in rec["rows"][:25]:
             print(f"{r['us_per_step']:9.1f} us {r['calls_per_step']:6.1f}x {r['us_per_call']:8.2f} us  {r['kernel']}")
