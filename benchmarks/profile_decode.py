@@ -48,7 +48,7 @@ def timed_steps(llm, prompts, params, steps: int, batch: int) -> dict:
 
 
 def decode_profile(arch: str, w_bits: int, steps: int, kv_bits: int = 16, enforce_eager: bool = False,
-                   batch: int = 1, trace: bool = True) -> dict:
+                   batch: int = 1, trace: bool = True, env_ab: str | None = None) -> dict:
     from lowbit.bench.common import environment
     from lowbit.engine.llm import LLM
     from lowbit.engine.sampling_params import SamplingParams
@@ -60,10 +60,19 @@ def decode_profile(arch: str, w_bits: int, steps: int, kv_bits: int = 16, enforc
     params = SamplingParams(max_tokens=steps, ignore_eos=True)
     prompts = [[1 + i] for i in range(batch)]  # `batch` sequences decoding together
     llm.generate(prompts, SamplingParams(max_tokens=16, ignore_eos=True))  # warm-up (tuning, compile)
+    ab = {}
+    if env_ab:  # NAME=V1,V2,...: the step with each value, graphs recaptured, same process and tuning
+        name, values = env_ab.split("=", 1)
+        for rnd in range(2):  # twice, interleaved: the spread says what a difference is worth
+            for value in values.split(","):
+                os.environ[name] = value
+                llm.engine.runner._capture_graphs()
+                ab.setdefault(value, []).append(timed_steps(llm, prompts, params, steps, batch))
+                print(f"{name}={value} round {rnd}: {ab[value][-1]}", flush=True)
     step_us, graph_us = timed_steps(llm, prompts, params, steps, batch).values()
     if not trace:
         return {"arch": arch, "w_bits": w_bits, "kv_bits": kv_bits, "steps": steps, "batch": batch,
-                "step_us_timed": step_us, "graph_replay_us": graph_us,
+                "step_us_timed": step_us, "graph_replay_us": graph_us, "env_ab": ab,
                 "cuda_graphs": llm.engine.runner.graph_status, "env": environment(torch.device("cuda")), "rows": []}
 
     from torch.profiler import ProfilerActivity, profile
@@ -96,12 +105,15 @@ def main() -> None:
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--batch", type=int, default=1, help="sequences decoding together")
     ap.add_argument("--no-trace", action="store_true", help="timings only, no torch.profiler pass")
+    ap.add_argument("--env-ab", help="NAME=V1,V2: time the step with each value of an environment variable "
+                                     "read at graph capture (e.g. LOWBIT_FUSED_PROLOGUES=0,1), in one process")
     ap.add_argument("--out", default=os.environ.get("OUT") or "profile-out")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for w in args.w_bits:
-        rec = decode_profile(args.arch, w, args.steps, args.kv_bits, args.eager, args.batch, not args.no_trace)
+        rec = decode_profile(args.arch, w, args.steps, args.kv_bits, args.eager, args.batch, not args.no_trace,
+                             args.env_ab)
         rec["command"] = " ".join(sys.argv)
         if args.no_trace:
             (out / f"steps_{args.arch}_w{w}_kv{args.kv_bits}_b{args.batch}.json").write_text(
