@@ -14,11 +14,12 @@ ROOT = Path(lowbit.__file__).parent
 # Imported from anywhere; they import only each other.
 BASE = {"errors", "config", "atomic_dir"}
 
-_BELOW_MODELS = {"layers", "kernels", "formats"}
+_BELOW_MODELS = {"layers", "kernels", "formats", "parallel"}
 _MODEL_ROOMS = {"loading", "models"} | _BELOW_MODELS
 # room -> the rooms it may import (besides itself and BASE). The chain
 # cli -> serve/eval/bench -> engine -> models -> layers -> kernels, with:
 #   formats  the checkpoint bit layouts (pure tensor packing): anything from kernels up may use them
+#   parallel the tensor-parallel group and its collectives (torch.distributed only): layers up
 #   loading  builds models from checkpoints, so it sits beside models: engine, quant and the
 #            commands use it; models and layers never do
 #   quant    uses loading, models and layers, never engine
@@ -26,8 +27,9 @@ _MODEL_ROOMS = {"loading", "models"} | _BELOW_MODELS
 #   __init__ the public API (lazy re-exports of every room), like cli
 ALLOWED: dict[str, set[str]] = {
     "formats": set(),
+    "parallel": set(),
     "kernels": {"formats"},
-    "layers": {"kernels", "formats"},
+    "layers": {"kernels", "formats", "parallel"},
     "models": set(_BELOW_MODELS),
     "loading": {"models"} | _BELOW_MODELS,
     "quant": set(_MODEL_ROOMS),

@@ -19,23 +19,74 @@ class LLM:
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.9, block_size: int = 16,
                  max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
                  num_kv_blocks: int | None = None, dtype: str = "auto", device: str | None = None,
-                 enforce_eager: bool = False):
+                 enforce_eager: bool = False, tensor_parallel_size: int = 1):
         """model: `default`, a .gguf file or an HF / quantized directory; or the (model, tokenizer,
         checkpoint) triple that `load_model` returns, to share weights already loaded.
-        enforce_eager: decode without CUDA graphs (on a GPU they are captured at start-up)."""
-        if isinstance(model, tuple):
+        enforce_eager: decode without CUDA graphs (on a GPU they are captured at start-up).
+        tensor_parallel_size: ranks to split the model over (one process and GPU each; gloo
+        processes on the CPU), Megatron-style (engine/tp_workers.py); a given triple is sharded in
+        place, and must be dummy weights (the other ranks rebuild them from their recipe)."""
+        self._async = None
+        self._tp = None
+        config = EngineConfig(kv_bits, max_batch_size, max_model_len, gpu_memory_utilization, block_size,
+                              max_num_batched_tokens, enable_prefix_caching, num_kv_blocks, enforce_eager)
+        if tensor_parallel_size != 1:
+            net, tokenizer, ckpt = self._start_ranks(model, dtype, device, config, tensor_parallel_size)
+        elif isinstance(model, tuple):
             net, tokenizer, ckpt = model
         else:
             from lowbit.loading.loader import load_model
             from lowbit.models.default import resolve_model
 
             net, tokenizer, ckpt = load_model(resolve_model(str(model)), dtype, device)
-        config = EngineConfig(kv_bits, max_batch_size, max_model_len, gpu_memory_utilization, block_size,
-                              max_num_batched_tokens, enable_prefix_caching, num_kv_blocks, enforce_eager)
         eos = tokenizer.stop_token_ids(ckpt.generation_config().get("eos_token_id"))
         self.tokenizer = tokenizer
-        self.engine = LLMEngine(net, tokenizer, config, eos)
-        self._async = None
+        try:
+            self.engine = LLMEngine(net, tokenizer, config, eos)
+        except Exception as e:
+            if self._tp is None:
+                raise
+            error = self._tp.failure(e)
+            self.close()
+            raise error from e
+        if self._tp is not None:
+            self.engine.runner.explain_failure = self._tp.failure
+
+    def _start_ranks(self, model, dtype, device, config: EngineConfig, world: int):
+        """Starts ranks 1..world-1, joins them as rank 0 and returns rank 0's shard of the model."""
+        import torch
+
+        from lowbit.engine.tp_workers import ModelSource, TPWorkers, rank_device
+        from lowbit.loading.loader import default_device
+
+        if world < 1:
+            raise LowbitError(f"tensor_parallel_size={world}: must be at least 1")
+        dev = torch.device(device) if device else default_device()
+        if dev.type == "cuda" and torch.cuda.device_count() < world:
+            raise LowbitError(f"tensor_parallel_size={world}: this machine has {torch.cuda.device_count()} GPU(s)")
+        from lowbit.models.llama import LlamaModel
+
+        if isinstance(model, tuple):
+            recipe = getattr(model[2], "recipe", None)
+            if recipe is None:
+                raise LowbitError("tensor parallelism loads the model in every rank: give a checkpoint path "
+                                  "(or dummy weights), not a model already built")
+            source, model_config = ModelSource(dummy=recipe), model[2].config
+        else:
+            from lowbit.loading.loader import open_checkpoint
+            from lowbit.models.default import resolve_model
+
+            source = ModelSource(path=str(resolve_model(str(model))), dtype=dtype)
+            model_config = open_checkpoint(source.path).config
+        LlamaModel.check_shardable(model_config, world)
+        self._tp = TPWorkers(world, source, dev, config)
+        try:
+            triple = model if isinstance(model, tuple) else source.load(rank_device(dev, 0))
+            triple[0].shard(0, world)
+        except Exception:
+            self.close()
+            raise
+        return triple
 
     @property
     def config(self) -> EngineConfig:
@@ -118,3 +169,10 @@ class LLM:
         if self._async is not None:
             self._async.shutdown()
             self._async = None
+
+    def close(self) -> None:
+        """Stops the async engine and, with tensor parallelism, the other ranks' processes."""
+        self.shutdown()
+        if self._tp is not None:
+            self._tp.close()
+            self._tp = None

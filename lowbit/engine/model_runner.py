@@ -9,6 +9,7 @@ step has the same tensor shapes for the same batch size: on a GPU it replays a C
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import torch
 
@@ -18,6 +19,7 @@ from lowbit.engine.sampler import SamplingBatch, sample
 from lowbit.engine.scheduler import ScheduledBatch
 from lowbit.engine.sequence import Sequence
 from lowbit.errors import LowbitError
+from lowbit.parallel import comm
 from lowbit.layers.paged_kv_cache import PagedAttentionMetadata, PagedKVCache
 
 log = logging.getLogger(__name__)
@@ -33,7 +35,8 @@ class ModelRunner:
         self.block_size = config.block_size
         self.vocab_size = cfg.vocab_size
         self.max_blocks_per_seq = -(-config.max_model_len // config.block_size)
-        self.num_blocks = config.num_kv_blocks or self._blocks_that_fit()
+        # tensor-parallel ranks hold the same blocks (one block manager, on rank 0): the fewest any fits
+        self.num_blocks = comm.min_over_ranks(config.num_kv_blocks or self._blocks_that_fit())
         if self.num_blocks < self.max_blocks_per_seq:
             raise LowbitError(
                 f"the KV cache holds {self.num_blocks} blocks of {self.block_size} tokens, less than one "
@@ -44,6 +47,8 @@ class ModelRunner:
         self.cache = PagedKVCache(cfg.num_hidden_layers, self.num_blocks + 1, self.block_size,
                                   cfg.num_key_value_heads, cfg.head_dim, config.kv_bits, self.dtype, self.device)
         self.generators: dict[int, torch.Generator] = {}  # seq_id -> its seeded generator
+        # tensor parallelism: turns a failed collective into the error of the rank that caused it
+        self.explain_failure: Callable[[BaseException], Exception] | None = None
         self.graphs: DecodeGraphs | None = None
         self.graph_status = "off: CPU" if self.device.type != "cuda" else "off: enforce_eager"
         if self.device.type == "cuda" and not config.enforce_eager:
@@ -154,6 +159,20 @@ class ModelRunner:
             prefill_cu_seqlens_q=dev(cu, torch.int32) if prefill_lens and self.cache.kernels.prefill else None)
 
     @torch.inference_mode()
+    def execute(self, step: StepInputs, use_graph: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The model over one step's inputs -> (fp32 logits of its sample rows, their greedy tokens
+        or None). Every tensor-parallel rank runs it; only rank 0 samples."""
+        rows = step.sample_rows
+        if use_graph:
+            logits, greedy = self.graphs.run(step)
+            if len(rows) < len(step.input_ids):
+                logits, greedy = logits[rows], greedy[rows]
+            return logits, greedy
+        self.cache.set_metadata(self.metadata(step))
+        return self._forward(torch.tensor(step.input_ids).to(self.device, non_blocking=True),
+                             torch.tensor(step.positions).to(self.device, non_blocking=True), self.cache, rows), None
+
+    @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[int | None], list]:
         """-> per sequence of the batch (in its order): the sampled token or None (prompt not yet
         fully read), and its logprobs entry or None."""
@@ -162,16 +181,15 @@ class ModelRunner:
         seqs = [batch.seqs[i] for i in order]
         num_new = [batch.num_new_tokens[i] for i in order]
         step = self.prepare(seqs, num_new)
-        rows = step.sample_rows
-        greedy = None
-        if self.graphs is not None and len(seqs) <= self.graphs.max_size and all(n == 1 for n in num_new):
-            logits, greedy = self.graphs.run(step)
-            if len(rows) < len(seqs):
-                logits, greedy = logits[rows], greedy[rows]
+        use_graph = self.graphs is not None and len(seqs) <= self.graphs.max_size and all(n == 1 for n in num_new)
+        if comm.world() == 1:
+            logits, greedy = self.execute(step, use_graph)
         else:
-            self.cache.set_metadata(self.metadata(step))
-            logits = self._forward(torch.tensor(step.input_ids).to(self.device, non_blocking=True),
-                                   torch.tensor(step.positions).to(self.device, non_blocking=True), self.cache, rows)
+            try:  # the other tensor-parallel ranks run the same step (tp_workers.py)
+                comm.broadcast_object((step, use_graph))
+                logits, greedy = self.execute(step, use_graph)
+            except Exception as e:
+                raise (self.explain_failure(e) if self.explain_failure else e) from e
         sampling = [s for s, n in zip(seqs, num_new) if s.num_computed_tokens + n == s.num_tokens]
         tokens, logprobs = [None] * len(batch), [None] * len(batch)
         if not sampling:

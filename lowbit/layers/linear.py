@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.parallel import comm
 
 
 class LinearMethod:
@@ -31,6 +32,11 @@ class LinearMethod:
 
     def after_load(self, layer: "QLinear") -> None:
         """Called once all tensors are loaded: repack for a kernel, drop what is not needed."""
+
+    def select(self, layer: "QLinear", dim: int, index: torch.Tensor) -> None:
+        """Keeps only the outputs (dim 0) or inputs (dim 1) `index` of the loaded weight: a tensor-
+        parallel rank's shard (QLinear.shard). Called after `after_load`."""
+        raise LowbitError(f"{self.name} weights cannot be split for tensor parallelism")
 
     def output_dim(self, tensor: str) -> int | None:
         """The dim of tensor `tensor` (a name create_weights made) that runs over output features,
@@ -52,6 +58,10 @@ class DenseMethod(LinearMethod):
 
     def dequantize(self, layer):
         return layer.weight.data
+
+    def select(self, layer, dim, index):
+        w = layer.weight.data.index_select(dim, index.to(layer.weight.device)).contiguous()
+        layer.weight = nn.Parameter(w, requires_grad=False)
 
 
 _METHODS: dict[str, Callable[..., LinearMethod]] = {"dense": DenseMethod}
@@ -84,9 +94,51 @@ class QLinear(nn.Module):
         self.method = method or DenseMethod()
         self.method.create_weights(self, dtype)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+        self.parallel: str | None = None  # set by shard(): how this rank's outputs combine with the others'
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.method.apply(self, x)
+        y = self.method.apply(self, x)
+        if self.parallel == "row":  # each rank multiplied its slice of the inputs: partial sums
+            return comm.all_reduce(y)
+        if self.parallel == "column_gather":  # each rank made a slice of the outputs
+            return comm.all_gather_last(y)
+        return y
+
+    def shard(self, style: str, rank: int, world: int) -> None:
+        """Keeps rank `rank`'s part of the weight, Megatron-LM's split: 'column' keeps 1/world of
+        the outputs (of each projection of a merged layer alike, so `split` still cuts q/k/v), whose
+        results stay on this rank; 'column_gather' the same, gathered after the matmul; 'row' keeps
+        1/world of the inputs, and the ranks' partial products are summed after it (the bias is
+        added on rank 0 only)."""
+        if style in ("column", "column_gather"):
+            index, kept, start = [], [], 0
+            for name, n in self.shards or [(None, self.out_features)]:
+                if n % world:
+                    raise LowbitError(f"{getattr(self.method, 'prefix', '') or 'a linear layer'}"
+                                      f"{f' ({name})' if name else ''}: {n} outputs do not split over {world} ranks")
+                part = n // world
+                index.append(torch.arange(start + rank * part, start + (rank + 1) * part))
+                kept.append((name, part))
+                start += n
+            index = torch.cat(index)
+            self.method.select(self, 0, index)
+            if self.bias is not None:
+                self.bias = nn.Parameter(self.bias.data[index.to(self.bias.device)], requires_grad=False)
+            self.out_features = len(index)
+            if self.shards:
+                self.shards = kept
+        elif style == "row":
+            if self.in_features % world:
+                raise LowbitError(f"{getattr(self.method, 'prefix', '') or 'a linear layer'}: {self.in_features} "
+                                  f"inputs do not split over {world} ranks")
+            part = self.in_features // world
+            self.method.select(self, 1, torch.arange(rank * part, (rank + 1) * part))
+            self.in_features = part
+            if self.bias is not None and rank != 0:
+                self.bias = None
+        else:
+            raise LowbitError(f"tensor-parallel style {style!r}: expected column, column_gather or row")
+        self.parallel = style
 
     def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """A merged layer's output -> one view per shard."""

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.layers import cpu_weights
 from lowbit.layers.cpu_weights import cpu_linear
 from lowbit.layers.linear import LinearMethod, register_method
 from lowbit.formats import awq_format, gptq_format
@@ -103,6 +104,9 @@ class PackedLinearMethod(LinearMethod):
 
     def _dense(self, layer, dtype) -> torch.Tensor:
         if layer.codes_nxk is None:
+            if getattr(layer, "qweight", None) is None:  # a tensor-parallel shard keeps only the kernel's copy
+                raise LowbitError(f"{self.prefix}: this shard's weights live in the GPU kernel's layout only; "
+                                  "dequantize the unsharded model instead")
             self._unpack_into(layer)
         return dequantize_codes(layer.codes_nxk, layer.scales_nxg, layer.zeros_nxg, layer.g_idx_k, dtype)
 
@@ -118,6 +122,36 @@ class PackedLinearMethod(LinearMethod):
 
     def dequantize(self, layer):
         return self._dense(layer, torch.float32)
+
+    def select(self, layer, dim, index):
+        """A shard of the compute form (codes, scales, zeros, g_idx); the checkpoint's packed tensors
+        are dropped (they describe the whole layer) and the kernel's weight is rebuilt from it."""
+        if layer.codes_nxk is None:  # the GPU kernel's weight replaced them: unpack once more
+            self._unpack_into(layer)
+        codes, scales, zeros, g_idx = layer.codes_nxk, layer.scales_nxg, layer.zeros_nxg, layer.g_idx_k
+        index = index.to(codes.device)
+        if dim == 0:
+            codes, scales, zeros = codes[index], scales[index], zeros[index]
+        else:
+            start, stop = int(index[0]), int(index[-1]) + 1  # a contiguous range of inputs
+            if g_idx is not None:  # each column names its group: the kept columns keep theirs
+                g_idx = g_idx[start:stop]
+            elif scales.shape[1] > 1:  # natural groups: the slice must cut between them
+                gs = layer.in_features // scales.shape[1]
+                if start % gs or stop % gs:
+                    raise LowbitError(f"{self.prefix}: group size {gs} does not divide this rank's inputs "
+                                      f"[{start}, {stop}); use a tensor-parallel size that splits the "
+                                      f"{layer.in_features} inputs into whole groups")
+                scales, zeros = scales[:, start // gs:stop // gs], zeros[:, start // gs:stop // gs]
+            codes = codes[:, start:stop]
+        for name in self.shapes(layer.in_features, layer.out_features):  # the whole layer's packing
+            setattr(layer, name, None)
+        layer.codes_nxk, layer.scales_nxg = codes.contiguous(), scales.contiguous()
+        layer.zeros_nxg, layer.g_idx_k = zeros.contiguous(), g_idx
+        self._kernel_weight = None
+        cpu_weights.drop_kept(layer)
+        if codes.is_cuda and self._gpu_kernel(layer) is not None:
+            layer.codes_nxk = None
 
 
 class AWQLinearMethod(PackedLinearMethod):

@@ -122,6 +122,13 @@ class W8A8LinearMethod(LinearMethod):
         layer.register_buffer("x_scale_1", x_scale, persistent=False)
         layer.__dict__.pop("_w_f32", None)
 
+    def select(self, layer, dim, index):
+        index = index.to(layer.weight.device)
+        layer.weight = layer.weight.index_select(dim, index).contiguous()
+        if dim == 0:
+            layer.w_scale_n = layer.w_scale_n[index].contiguous()
+        layer.__dict__.pop("_w_f32", None)
+
     def _weight_f32(self, layer) -> torch.Tensor:
         """The codes as float32 (exact for int8 and fp8), made once per loaded weight: 4 bytes a weight
         beside the 1-byte codes, as the CPU path of packed formats keeps (cpu_weights.py)."""

@@ -130,7 +130,9 @@ def build_dummy_model(arch: str, w_bits: int = 16, group_size: int = 128, dtype:
         for module in model.modules():
             if getattr(module, "method", None) is not None and module.method.name != "dense":
                 fill(module, gen)
-    return model.eval(), DummyTokenizer(cfg.vocab_size), DummyCheckpoint(cfg, arch, w_bits, group_size)
+    ckpt = DummyCheckpoint(cfg, arch, w_bits, group_size)
+    ckpt.recipe = (arch, w_bits, group_size, dtype, seed)  # what rebuilds the same weights elsewhere
+    return model.eval(), DummyTokenizer(cfg.vocab_size), ckpt
 
 
 def build_timed(arch: str, w_bits: int = 16, group_size: int = 128, dtype="auto", device=None, seed: int = 0):

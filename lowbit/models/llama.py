@@ -3,12 +3,14 @@ renamed on load). Plain PyTorch; every projection is a `QLinear`, so the weight 
 when the layers are built, never here."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import torch
 from torch import nn
 
 from lowbit.config import ModelConfig
+from lowbit.errors import LowbitError
 from lowbit.layers.activation import silu_and_mul
 from lowbit.layers.attention import gqa_attention
 from lowbit.layers.linear import LinearMethod, QLinear, projections
@@ -22,6 +24,13 @@ MethodFor = Callable[[str, int, int], LinearMethod | None]
 QKV = ("q_proj", "k_proj", "v_proj")
 GATE_UP = ("gate_proj", "up_proj")
 MERGED = (("self_attn", QKV), ("mlp", GATE_UP))
+
+# Tensor parallelism (Megatron-LM's split, QLinear.shard): each rank keeps its share of the attention
+# heads and of the MLP's hidden units; o_proj and down_proj sum the ranks' partial products; the
+# output head splits the vocabulary and gathers the logits.
+TP_PLAN = {"qkv_proj": "column", "q_proj": "column", "k_proj": "column", "v_proj": "column",
+           "gate_up_proj": "column", "gate_proj": "column", "up_proj": "column",
+           "o_proj": "row", "down_proj": "row", "lm_head": "column_gather"}
 
 
 def _dense(_name, _i, _o):
@@ -125,6 +134,30 @@ class LlamaModel(nn.Module):
     @property
     def layers(self) -> nn.ModuleList:
         return self.model.layers
+
+    @staticmethod
+    def check_shardable(cfg: ModelConfig, world: int) -> None:
+        """Refuses a split the heads or the vocabulary do not divide into (before any work)."""
+        if cfg.num_key_value_heads % world or cfg.num_attention_heads % world:
+            raise LowbitError(f"tensor parallelism over {world} ranks needs the {cfg.num_attention_heads} attention "
+                              f"heads and {cfg.num_key_value_heads} KV heads to divide by {world}")
+        if not cfg.tie_word_embeddings and cfg.vocab_size % world:
+            raise LowbitError(f"tensor parallelism over {world} ranks: vocabulary {cfg.vocab_size} does not divide")
+
+    def shard(self, rank: int, world: int) -> None:
+        """Keeps rank `rank`'s part of every layer (TP_PLAN) for tensor parallelism over `world`
+        ranks; embeddings and norms stay whole on every rank."""
+        cfg = self.config
+        self.check_shardable(cfg, world)
+        for name, module in self.named_modules():
+            style = TP_PLAN.get(name.rpartition(".")[2])
+            if style and isinstance(module, QLinear):
+                module.shard(style, rank, world)
+        for layer in self.layers:
+            layer.self_attn.n_heads //= world
+            layer.self_attn.n_kv //= world
+        self.config = dataclasses.replace(cfg, num_attention_heads=cfg.num_attention_heads // world,
+                                          num_key_value_heads=cfg.num_key_value_heads // world)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)

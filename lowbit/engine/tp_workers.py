@@ -1,0 +1,126 @@
+"""Tensor parallelism's processes: rank 0 is the process that made the `LLM` (scheduler, sampler,
+the user's command); ranks 1..N-1 are worker processes it starts, one per GPU (or CPU process with
+gloo). Each rank loads the model, keeps its shard (`LlamaModel.shard`) and builds the same model
+runner; then every step rank 0 broadcasts the step's inputs and all ranks run the model together
+(the collectives inside it keep them in step), rank 0 alone sampling from the gathered logits.
+
+A worker that fails reports its error through a queue and exits; rank 0 raises it by rank. The
+workers are daemon processes: they end with rank 0, and `TPWorkers.close` stops them first.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import queue
+import socket
+import traceback
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.parallel import comm
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """How every rank gets the same model: a checkpoint path, or dummy weights by their recipe."""
+
+    path: str | None = None
+    dtype: str = "auto"
+    dummy: tuple | None = None  # (arch, w_bits, group_size, dtype, seed): build_dummy_model's arguments
+
+    def load(self, device: torch.device):
+        """-> (model, tokenizer, checkpoint) on `device`, whole (shard it after)."""
+        if self.dummy is not None:
+            from lowbit.loading.dummy import build_dummy_model
+
+            arch, w_bits, group_size, dtype, seed = self.dummy
+            return build_dummy_model(arch, w_bits, group_size, dtype, device, seed)
+        from lowbit.loading.loader import load_model
+
+        return load_model(self.path, self.dtype, device)
+
+
+def rank_device(device: torch.device, rank: int) -> torch.device:
+    return torch.device("cuda", rank) if device.type == "cuda" else torch.device("cpu")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, source: ModelSource, device_type: str, config, errors) -> None:
+    """Rank `rank`'s life: join the group, load and shard the model, build the runner, then run
+    every step rank 0 broadcasts until it sends None."""
+    try:
+        device = rank_device(torch.device(device_type), rank)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        else:  # the ranks share the CPU's cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        comm.init(rank, world, port, device)
+        model, _tokenizer, _ckpt = source.load(device)
+        model.shard(rank, world)
+        from lowbit.engine.model_runner import ModelRunner
+
+        runner = ModelRunner(model, config.resolved(model.config))  # as LLMEngine resolves it on rank 0
+        while True:
+            msg = comm.broadcast_object()
+            if msg is None:
+                break
+            with torch.inference_mode():
+                runner.execute(*msg)
+    except BaseException as e:  # noqa: BLE001 - reported to rank 0, which raises it
+        errors.put((rank, f"{type(e).__name__}: {e}", traceback.format_exc()))
+        raise SystemExit(1)
+    finally:
+        comm.close()
+
+
+class TPWorkers:
+    """Ranks 1..world-1 as worker processes; this process joins as rank 0."""
+
+    def __init__(self, world: int, source: ModelSource, device: torch.device, config):
+        self.world = world
+        ctx = mp.get_context("spawn")  # CUDA cannot be forked; spawn is the same on the CPU
+        self.errors = ctx.Queue()
+        port = free_port()
+        self.procs = [ctx.Process(target=_worker, args=(r, world, port, source, device.type, config, self.errors),
+                                  name=f"lowbit-tp-rank{r}", daemon=True) for r in range(1, world)]
+        for p in self.procs:
+            p.start()
+        try:
+            comm.init(0, world, port, rank_device(device, 0))
+        except Exception as e:
+            self.close()
+            raise self.failure(e) from e
+
+    def failure(self, exc: BaseException) -> LowbitError:
+        """A collective failed: the error of the rank that caused it, where one reported."""
+        try:
+            rank, msg, tb = self.errors.get(timeout=1)
+            log.error("tensor-parallel rank %d failed:\n%s", rank, tb)
+            return LowbitError(f"tensor-parallel rank {rank} failed: {msg}")
+        except queue.Empty:
+            dead = [p.name for p in self.procs if not p.is_alive()]
+            return LowbitError(f"tensor parallelism failed ({type(exc).__name__}: {exc})"
+                               + (f"; stopped: {', '.join(dead)}" if dead else ""))
+
+    def close(self) -> None:
+        """Tells the workers to stop (if the group is up), then ends them."""
+        if comm.world() > 1:
+            try:
+                comm.broadcast_object(None)
+            except Exception:  # a worker already gone: nothing to tell
+                pass
+        for p in self.procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.terminate()
+        comm.close()
