@@ -55,13 +55,14 @@ def generate(model: str = typer.Argument("default", help=MODEL_HELP),
              top_k: int = typer.Option(0, min=0), top_p: float = typer.Option(1.0, min=0.0, max=1.0),
              seed: Optional[int] = typer.Option(None),
              dtype: str = typer.Option("auto", help="compute dtype: auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16"),
-             device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda if present)")):
+             device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda if present)"),
+             tp: int = typer.Option(1, "--tp", min=1, help="tensor parallelism: split the model over this many GPUs (processes on the CPU)")):
     """Answer one prompt on the engine, streaming tokens as they come."""
     from lowbit.engine.sampling_params import SamplingParams
     from lowbit.serve.one_prompt import load_for_one
 
     params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    llm, ids = load_for_one(model, prompt, max_new_tokens, system, raw, dtype, device)
+    llm, ids = load_for_one(model, prompt, max_new_tokens, system, raw, dtype, device, tp)
     t0, first_s = time.time(), None
     for out in llm.iter_outputs(ids, params):
         if out.error is not None:
@@ -72,6 +73,7 @@ def generate(model: str = typer.Argument("default", help=MODEL_HELP),
     n, rest_s = len(out.token_ids), time.time() - t0 - first_s
     rate = f", then {(n - 1) / rest_s:.1f} tokens/s" if n > 1 and rest_s > 0 else ""
     typer.echo(f"\n[{n} tokens; the first after {first_s:.2f}s{rate}]", err=True)
+    llm.close()
 
 
 @app.command()
@@ -84,14 +86,15 @@ def chat(model: str = typer.Argument("default", help=MODEL_HELP),
          top_p: float = typer.Option(0.9, min=0.0, max=1.0), seed: Optional[int] = typer.Option(None),
          kv_bits: int = typer.Option(16, "--kv-bits", help="16 | 8 | 4"),
          dtype: str = typer.Option("auto", help="auto | fp32 | fp16 | bf16"),
-         device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda if present)")):
+         device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda if present)"),
+         tp: int = typer.Option(1, "--tp", min=1, help="tensor parallelism: split the model over this many GPUs (processes on the CPU)")):
     """Talk to MODEL in the terminal (on the engine, or a server with --url). /reset clears, /exit leaves."""
     from lowbit.serve.terminal_chat import chat_loop, engine_replier, remote_replier
 
     if url:
         reply = remote_replier(url, api_key, max_new_tokens, temperature, top_p, seed)
     else:
-        reply = engine_replier(model, kv_bits, dtype, device, max_new_tokens, temperature, top_k, top_p, seed)
+        reply = engine_replier(model, kv_bits, dtype, device, max_new_tokens, temperature, top_k, top_p, seed, tp)
     chat_loop(reply, system, write=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()),
               say=typer.echo)
 
@@ -114,12 +117,13 @@ def serve(model: str = typer.Argument("default", help=MODEL_HELP),
           arch: Optional[str] = typer.Option(None, "--arch",
                                              help="with --dummy-weights: tiny | llama2-7b | llama3-8b | llama2-70b"),
           w_bits: int = typer.Option(16, "--w-bits", help="dummy weights: 16 (dense) | 4 (AWQ W4A16)"),
-          group_size: int = typer.Option(128, "--group-size", help="W4A16 group size (dummy weights)")):
+          group_size: int = typer.Option(128, "--group-size", help="W4A16 group size (dummy weights)"),
+          tp: int = typer.Option(1, "--tp", min=1, help="tensor parallelism: split the model over this many GPUs (processes on the CPU)")):
     """An OpenAI-compatible API server (/v1/chat/completions, /v1/completions, /v1/models, /metrics)."""
     from lowbit.serve.api_server import serve as run_server
 
     run_server(model, host, port, kv_bits, api_key, max_batch_size, max_model_len, max_waiting, ui,
-               served_model_name, dtype, device, dummy_weights, arch, w_bits, group_size)
+               served_model_name, dtype, device, dummy_weights, arch, w_bits, group_size, tp)
 
 
 @app.command()
@@ -398,12 +402,13 @@ def bench_generate(model: str = typer.Argument("default", help=MODEL_HELP), dumm
                    gpu_memory_utilization: float = _GPU_UTIL,
                    enforce_eager: bool = typer.Option(False, "--enforce-eager", help="no CUDA graphs"),
                    seed: int = typer.Option(0), dtype: str = _DTYPE, device: Optional[str] = _DEVICE,
-                   out: Path = typer.Option(Path("bench-results"), "--out", help="directory for generate.json/.png")):
+                   out: Path = typer.Option(Path("bench-results"), "--out", help="directory for generate.json/.png"),
+                   tp: int = typer.Option(1, "--tp", min=1, help="tensor parallelism: split the model over this many GPUs (processes on the CPU)")):
     """First-token and per-token latency (p50/p90/p99), output tokens/s and peak memory per concurrency."""
     from lowbit.bench.generate import GenerateOptions, run_generate
 
     opts = GenerateOptions(_ints(concurrency, "--concurrency"), input_len, output_len, _ints(kv_bits, "--kv-bits"),
-                           max_model_len, gpu_memory_utilization, enforce_eager, seed=seed)
+                           max_model_len, gpu_memory_utilization, enforce_eager, seed=seed, tp=tp)
     rec = run_generate(_spec(model, dummy_weights, arch, w_bits, group_size, dtype, device), opts, out,
                        log=lambda line: typer.echo(line, err=True))
     _wrote(rec)
@@ -424,12 +429,13 @@ def bench_throughput(model: str = typer.Argument("default", help=MODEL_HELP), du
                      gpu_memory_utilization: float = _GPU_UTIL,
                      enforce_eager: bool = typer.Option(False, "--enforce-eager"),
                      seed: int = typer.Option(0), dtype: str = _DTYPE, device: Optional[str] = _DEVICE,
-                     out: Path = typer.Option(Path("bench-results"), "--out")):
+                     out: Path = typer.Option(Path("bench-results"), "--out"),
+                     tp: int = typer.Option(1, "--tp", min=1, help="tensor parallelism: split the model over this many GPUs (processes on the CPU)")):
     """Offline throughput: all requests at once; requests/s and tokens/s."""
     from lowbit.bench.throughput import ThroughputOptions, run_throughput
 
     opts = ThroughputOptions(dataset, num_prompts, input_len, output_len, range_ratio, kv_bits, max_batch_size,
-                             max_model_len, gpu_memory_utilization, enforce_eager, seed)
+                             max_model_len, gpu_memory_utilization, enforce_eager, seed, tp)
     rec = run_throughput(_spec(model, dummy_weights, arch, w_bits, group_size, dtype, device), opts, out,
                          log=lambda line: typer.echo(line, err=True))
     _wrote(rec)

@@ -35,6 +35,7 @@ class GenerateOptions:
     enforce_eager: bool = False
     warmup_tokens: int = 8
     seed: int = 0
+    tp: int = 1  # tensor-parallel ranks (GPUs)
 
     def check(self) -> None:
         if not self.concurrency or min(self.concurrency) < 1:
@@ -120,7 +121,7 @@ def run_generate(spec: ModelSpec, opts: GenerateOptions, out_dir: Path | None = 
             t1 = time.perf_counter()
             llm = LLM((model, tok, ckpt), kv_bits=kv_bits, max_batch_size=max(opts.concurrency),
                       max_model_len=max_len, gpu_memory_utilization=opts.gpu_memory_utilization,
-                      enforce_eager=opts.enforce_eager)
+                      enforce_eager=opts.enforce_eager, tensor_parallel_size=opts.tp)
             run["engine"] = {**engine_info(llm), "init_s": time.perf_counter() - t1}
             run["results"] = measure(llm, opts, model.config.vocab_size)
             for r in run["results"]:
@@ -133,7 +134,7 @@ def run_generate(spec: ModelSpec, opts: GenerateOptions, out_dir: Path | None = 
             log(f"{name} kv{kv_bits}: failed: {run['error']}")
         finally:
             if llm is not None:
-                llm.shutdown()
+                llm.close()
             llm = None
             release_memory()
         record["runs"].append(run)

@@ -42,6 +42,7 @@ class ThroughputOptions:
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False
     seed: int = 0
+    tp: int = 1  # tensor-parallel ranks (GPUs)
 
     def check(self) -> None:
         if self.num_prompts < 1:
@@ -121,7 +122,8 @@ def run_throughput(spec: ModelSpec, opts: ThroughputOptions, out_dir: Path | Non
     longest = max(len(p) + n for p, n in requests)
     max_len = opts.max_model_len or min(longest, ctx)
     llm = LLM((model, tok, ckpt), kv_bits=opts.kv_bits, max_batch_size=opts.max_batch_size, max_model_len=max_len,
-              gpu_memory_utilization=opts.gpu_memory_utilization, enforce_eager=opts.enforce_eager)
+              gpu_memory_utilization=opts.gpu_memory_utilization, enforce_eager=opts.enforce_eager,
+              tensor_parallel_size=opts.tp)
     engine = llm.engine
     finals = {}
 
@@ -149,7 +151,7 @@ def run_throughput(spec: ModelSpec, opts: ThroughputOptions, out_dir: Path | Non
               "preemptions": engine.scheduler.num_preemptions, "peak_memory_bytes": cuda_peak(device)}
     record = {"bench": "throughput", "model": spec.describe(model), "spec": asdict(spec), "options": asdict(opts),
               **source, "env": environment(device), "engine": engine_info(llm), "result": result}
-    llm.shutdown()
+    llm.close()
     log(f"{record['model']} kv{opts.kv_bits}: {len(ok)}/{len(requests)} requests in {wall:.1f}s: "
         f"{result['requests_per_s']:.2f} req/s, {result['output_tokens_per_s']:.1f} output tok/s, "
         f"{result['total_tokens_per_s']:.1f} total tok/s ({source['dataset']})")

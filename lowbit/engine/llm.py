@@ -61,17 +61,23 @@ class LLM:
 
         if world < 1:
             raise LowbitError(f"tensor_parallel_size={world}: must be at least 1")
-        dev = torch.device(device) if device else default_device()
+        if isinstance(model, tuple):
+            dev = model[0].model.embed_tokens.weight.device
+        else:
+            dev = torch.device(device) if device else default_device()
         if dev.type == "cuda" and torch.cuda.device_count() < world:
             raise LowbitError(f"tensor_parallel_size={world}: this machine has {torch.cuda.device_count()} GPU(s)")
         from lowbit.models.llama import LlamaModel
 
-        if isinstance(model, tuple):
-            recipe = getattr(model[2], "recipe", None)
-            if recipe is None:
+        if isinstance(model, tuple):  # the other ranks load the same checkpoint, or rebuild the dummy weights
+            net, ckpt = model[0], model[2]
+            recipe, path = getattr(ckpt, "recipe", None), Path(getattr(ckpt, "source", ""))
+            if recipe is None and not path.exists():
                 raise LowbitError("tensor parallelism loads the model in every rank: give a checkpoint path "
-                                  "(or dummy weights), not a model already built")
-            source, model_config = ModelSource(dummy=recipe), model[2].config
+                                  "(or dummy weights), not a model built in memory")
+            dtype_now = net.model.embed_tokens.weight.dtype
+            source = ModelSource(dummy=recipe) if recipe else ModelSource(path=str(path), dtype=dtype_now)
+            model_config = ckpt.config
         else:
             from lowbit.loading.loader import open_checkpoint
             from lowbit.models.default import resolve_model

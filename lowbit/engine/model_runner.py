@@ -9,6 +9,7 @@ step has the same tensor shapes for the same batch size: on a GPU it replays a C
 from __future__ import annotations
 
 import logging
+import os
 from typing import Callable
 
 import torch
@@ -84,17 +85,28 @@ class ModelRunner:
             why_not = "no paged decode kernel (lowbit.kernels.paged_attention), the PyTorch path has host-side shapes"
         elif self.model.rotary.kind == "dynamic":
             why_not = "dynamic rope scaling reads the positions on the host"
+        elif comm.world() > 1 and os.environ.get("LOWBIT_TP_CUDA_GRAPHS", "0") != "1":
+            # the first 2-GPU run (benchmarks/README.md, tensor parallelism) did not finish with them:
+            # until NCCL inside the captured step is verified, TP decodes eagerly on every rank
+            why_not = "tensor parallelism (LOWBIT_TP_CUDA_GRAPHS=1 tries them)"
         if why_not:
             self.graph_status = f"off: {why_not}"
             log.warning("CUDA graphs off (%s); decoding eagerly", why_not)
             return
         graphs = graphs_cls(lambda ids, pos: self._forward(ids, pos, self.cache, None), self.cache,
                               self.config.max_batch_size, self.max_blocks_per_seq, self.scratch_block, self.device)
+        failure = None
         try:
             graphs.capture()
         except Exception as e:  # a kernel that cannot be captured: slower, still correct
-            self.graph_status = f"off: capture failed ({type(e).__name__}: {e})"
-            log.warning("CUDA graph capture failed (%s: %s); decoding eagerly", type(e).__name__, e)
+            failure = f"capture failed ({type(e).__name__}: {e})"
+        if failure is None and comm.min_over_ranks(1) == 0:  # every rank decodes the same way
+            failure = "another tensor-parallel rank failed to capture"
+        elif failure is not None:
+            comm.min_over_ranks(0)
+        if failure is not None:
+            self.graph_status = f"off: {failure}"
+            log.warning("CUDA graphs off: %s; decoding eagerly", failure)
             del graphs
             if self.device.type == "cuda":
                 torch.cuda.synchronize()

@@ -147,6 +147,11 @@ class LlamaModel(nn.Module):
     def shard(self, rank: int, world: int) -> None:
         """Keeps rank `rank`'s part of every layer (TP_PLAN) for tensor parallelism over `world`
         ranks; embeddings and norms stay whole on every rank."""
+        if getattr(self, "tp_shard", None) == (rank, world):  # already this rank's (a reused model)
+            return
+        if getattr(self, "tp_shard", None) is not None:
+            raise LowbitError(f"this model is rank {self.tp_shard[0]} of {self.tp_shard[1]}'s shard; load it again "
+                              f"to split it over {world}")
         cfg = self.config
         self.check_shardable(cfg, world)
         for name, module in self.named_modules():
@@ -158,6 +163,7 @@ class LlamaModel(nn.Module):
             layer.self_attn.n_kv //= world
         self.config = dataclasses.replace(cfg, num_attention_heads=cfg.num_attention_heads // world,
                                           num_key_value_heads=cfg.num_key_value_heads // world)
+        self.tp_shard = (rank, world)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 # Collectives that wait longer than this raise instead of hanging (a rank that died mid-step).
 TIMEOUT = datetime.timedelta(seconds=120)
+_HOST_GROUP = [None]  # gloo beside NCCL: the step's inputs go host to host, with no GPU sync
 
 
 def backend_for(device: torch.device) -> str:
@@ -25,9 +26,11 @@ def init(rank: int, world_size: int, port: int, device: torch.device) -> None:
     dist.init_process_group(backend_for(device), init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world_size, timeout=TIMEOUT,
                             **({"device_id": device} if device.type == "cuda" else {}))
+    _HOST_GROUP[0] = dist.new_group(backend="gloo", timeout=TIMEOUT) if device.type == "cuda" else None
 
 
 def close() -> None:
+    _HOST_GROUP[0] = None
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -60,14 +63,13 @@ def all_gather_last(x: torch.Tensor) -> torch.Tensor:
 def broadcast_object(obj=None):
     """Rank 0's `obj` on every rank (the step's inputs from the scheduler's process)."""
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=_HOST_GROUP[0])
     return box[0]
 
 
 def min_over_ranks(value: int) -> int:
     if world() == 1:
         return value
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=_HOST_GROUP[0])
     return int(t.item())

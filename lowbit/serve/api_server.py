@@ -268,7 +268,7 @@ def serve(model: str = "default", host: str = "127.0.0.1", port: int = 23333, kv
           api_key: str | None = None, max_batch_size: int = 64, max_model_len: int | None = None,
           max_waiting: int = 256, ui: bool = False, served_model_name: str | None = None,
           dtype: str = "auto", device: str | None = None, dummy_weights: bool = False, arch: str | None = None,
-          w_bits: int = 16, group_size: int = 128) -> None:
+          w_bits: int = 16, group_size: int = 128, tp: int = 1) -> None:
     if arch and not dummy_weights:
         raise LowbitError(f"--arch {arch} names the shapes of --dummy-weights; add --dummy-weights, or drop --arch "
                           "to serve MODEL's own weights")
@@ -279,7 +279,8 @@ def serve(model: str = "default", host: str = "127.0.0.1", port: int = 23333, kv
     _check_port_free(host, port)  # before the model loads, not after
     net, tok, ckpt, name = _load(model, dummy_weights, arch, w_bits, group_size, dtype, device)
     name = served_model_name or name
-    llm = LLM((net, tok, ckpt), kv_bits=kv_bits, max_batch_size=max_batch_size, max_model_len=max_model_len)
+    llm = LLM((net, tok, ckpt), kv_bits=kv_bits, max_batch_size=max_batch_size, max_model_len=max_model_len,
+              tensor_parallel_size=tp)
     # the app listens at once; /health says "starting" until the engine thread has warmed up
     server = OpenAIServer(llm.start_async(warm_up=True), llm.tokenizer, name, api_key, max_waiting,
                           aliases=(arch if dummy_weights else model,))
@@ -289,7 +290,7 @@ def serve(model: str = "default", host: str = "127.0.0.1", port: int = 23333, kv
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
-        llm.shutdown()
+        llm.close()
 
 
 def _load(model, dummy_weights, arch, w_bits, group_size, dtype, device):

@@ -9,11 +9,11 @@ Replier = Callable[[list[dict]], Iterator[str]]
 
 
 def engine_replier(model: str, kv_bits: int, dtype: str, device, max_tokens: int, temperature: float, top_k: int,
-                   top_p: float, seed) -> Replier:
+                   top_p: float, seed, tp: int = 1) -> Replier:
     from lowbit.engine.llm import LLM
     from lowbit.engine.sampling_params import SamplingParams
 
-    llm = LLM(model, kv_bits=kv_bits, max_batch_size=1, dtype=dtype, device=device)
+    llm = LLM(model, kv_bits=kv_bits, max_batch_size=1, dtype=dtype, device=device, tensor_parallel_size=tp)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
 
     def reply(messages: list[dict]) -> Iterator[str]:
