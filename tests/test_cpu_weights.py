@@ -38,25 +38,57 @@ def _reference(layer, x):
     return F.linear(x, layer.dequantized_weight(), layer.bias)
 
 
+@pytest.fixture
+def fp32_decode(monkeypatch):
+    """Decode-sized calls in fp32 too (the exact path; by default they read an fp16 copy)."""
+    monkeypatch.setenv(cpu_weights.DECODE_ENV, "fp32")
+
+
 def _close(y, ref):
     # fp32 sums of 576..1536 products in another order: a few ulp of the largest partial sums
     assert (y - ref).abs().max().item() <= 2e-5 * ref.abs().max().item() + 1e-6
 
 
-def test_packed_layer_keeps_its_dequantized_weight_with_the_references_numerics(monkeypatch):
+def _kept(layer, dtype=torch.float32):
+    return layer.__dict__["_cpu_dense_weight"][dtype].value
+
+
+def test_packed_layer_keeps_its_dequantized_weight_with_the_references_numerics(monkeypatch, fp32_decode):
     layer = _awq_layer(960, 576, 64, seed=0, bias=True)
     decode, prompt = torch.randn(1, 1, 576), torch.randn(1, 40, 576)
     assert torch.equal(layer(decode), _reference(layer, decode))
     assert cpu_weights.last_path(layer) == "cache"
-    kept = layer.__dict__["_cpu_dense_weight"].value
+    kept = _kept(layer)
     assert torch.equal(layer(prompt), _reference(layer, prompt))
-    assert layer.__dict__["_cpu_dense_weight"].value is kept  # made once, for decode and prompts alike
+    assert _kept(layer) is kept  # made once, for decode and prompts alike
     monkeypatch.setenv(cpu_weights.MODE_ENV, "dequantize")
     assert torch.equal(layer(decode), _reference(layer, decode))
     assert cpu_weights.last_path(layer) == "dequantize"
 
 
-def test_act_order_layers_keep_the_dequantized_weight_too():
+def test_decode_reads_an_fp16_copy_and_prompts_the_exact_weight():
+    """By default a decode-sized call (<= 16 rows) reads an fp16 copy of the dequantized weight
+    (half the bytes of a bandwidth-bound step): within fp16 rounding of the reference; a prompt
+    stays exact. A dense weight gets the fp16 path only where fp16 holds it exactly."""
+    from lowbit.layers.linear import dense_linear
+
+    layer = _awq_layer(960, 576, 64, seed=0, bias=True)
+    decode, prompt = torch.randn(1, 2, 576), torch.randn(1, 40, 576)
+    y, ref = layer(decode), _reference(layer, decode)
+    assert cpu_weights.last_path(layer) == "cache-fp16" and not torch.equal(y, ref)
+    assert (y - ref).norm() / ref.norm() < 2e-3
+    kept = _kept(layer, torch.float16)
+    assert kept.dtype == torch.float16 and layer(decode) is not None and _kept(layer, torch.float16) is kept
+    assert torch.equal(layer(prompt), _reference(layer, prompt)) and cpu_weights.last_path(layer) == "cache"
+
+    exact16 = torch.randn(64, 576).half().float()  # as a checkpoint stored in fp16 loads
+    x = torch.randn(1, 576)
+    assert torch.equal(dense_linear(x, exact16), F.linear(x.half(), exact16.half()).float())
+    fp32_only = torch.randn(64, 576)  # fp16 would round it: stays exact
+    assert torch.equal(dense_linear(x, fp32_only), F.linear(x, fp32_only))
+
+
+def test_act_order_layers_keep_the_dequantized_weight_too(fp32_decode):
     """GPTQ act-order (a g_idx that is not column // group): dequantized once, kept, exact."""
     out_f, in_f, group_size, bits = 64, 128, 32, 4
     codes, scales, zeros = _codes(out_f, in_f, group_size, seed=3)
@@ -68,13 +100,13 @@ def test_act_order_layers_keep_the_dequantized_weight_too():
     x = torch.randn(1, 1, in_f)
     assert torch.equal(layer(x), _reference(layer, x))
     assert cpu_weights.last_path(layer) == "cache"
-    kept = layer.__dict__["_cpu_dense_weight"].value
+    kept = _kept(layer)
     layer(x)
-    assert layer.__dict__["_cpu_dense_weight"].value is kept  # made once
+    assert _kept(layer) is kept  # made once
 
 
 @pytest.mark.parametrize("mode", ["auto", "cache"])
-def test_kept_weight_is_remade_when_the_weights_are_reloaded(mode, monkeypatch):
+def test_kept_weight_is_remade_when_the_weights_are_reloaded(mode, monkeypatch, fp32_decode):
     monkeypatch.setenv(cpu_weights.MODE_ENV, mode)
     layer = _awq_layer(192, 576, 64, seed=5)
     x = torch.randn(1, 1, 576)

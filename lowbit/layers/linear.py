@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.layers import cpu_weights
 from lowbit.parallel import comm
 
 
@@ -54,7 +55,7 @@ class DenseMethod(LinearMethod):
         layer.weight = nn.Parameter(torch.empty(layer.out_features, layer.in_features, dtype=dtype), requires_grad=False)
 
     def apply(self, layer, x):
-        return nn.functional.linear(x, layer.weight, layer.bias)
+        return dense_linear(x, layer.weight, layer.bias)
 
     def dequantize(self, layer):
         return layer.weight.data
@@ -62,6 +63,16 @@ class DenseMethod(LinearMethod):
     def select(self, layer, dim, index):
         w = layer.weight.data.index_select(dim, index.to(layer.weight.device)).contiguous()
         layer.weight = nn.Parameter(w, requires_grad=False)
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight^T + bias; a CPU decode call reads an fp16 copy of the weight (cpu_weights.py says
+    why: half the bytes of a bandwidth-bound step)."""
+    if x.device.type == "cpu" and cpu_weights.decode_in_half(x):
+        weight16 = cpu_weights.half_copy(weight)
+        if weight16 is not None:
+            return cpu_weights.half_linear(x, weight16, bias)
+    return nn.functional.linear(x, weight, bias)
 
 
 _METHODS: dict[str, Callable[..., LinearMethod]] = {"dense": DenseMethod}

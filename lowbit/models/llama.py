@@ -13,7 +13,7 @@ from lowbit.config import ModelConfig
 from lowbit.errors import LowbitError
 from lowbit.layers.activation import silu_and_mul
 from lowbit.layers.attention import gqa_attention
-from lowbit.layers.linear import LinearMethod, QLinear, projections
+from lowbit.layers.linear import LinearMethod, QLinear, dense_linear, projections
 from lowbit.layers.norm import RMSNorm
 from lowbit.layers.rotary import RotaryEmbedding, apply_rotary
 
@@ -175,7 +175,7 @@ class LlamaModel(nn.Module):
         """The final norm (of h + residual when given) and the output projection."""
         h = self.model.norm(h) if residual is None else self.model.norm(h, residual)[0]
         if self.lm_head is None:
-            return nn.functional.linear(h, self.model.embed_tokens.weight)
+            return dense_linear(h, self.model.embed_tokens.weight)
         return self.lm_head(h)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
