@@ -67,13 +67,20 @@ def test_packed_layer_keeps_its_dequantized_weight_with_the_references_numerics(
 
 
 def test_decode_reads_an_fp16_copy_and_prompts_the_exact_weight():
-    """By default a decode-sized call (<= 16 rows) reads an fp16 copy of the dequantized weight
-    (half the bytes of a bandwidth-bound step): within fp16 rounding of the reference; a prompt
-    stays exact. A dense weight gets the fp16 path only where fp16 holds it exactly."""
+    """In the engine's decode steps a small call (<= 16 rows) reads an fp16 copy of the
+    dequantized weight (half the bytes of a bandwidth-bound step): within fp16 rounding of the
+    reference; a prompt, and any call outside a decode step, stays exact. A dense weight gets the
+    fp16 path only where fp16 holds it exactly."""
     from lowbit.layers.linear import dense_linear
 
     layer = _awq_layer(960, 576, 64, seed=0, bias=True)
     decode, prompt = torch.randn(1, 2, 576), torch.randn(1, 40, 576)
+    assert torch.equal(layer(decode), _reference(layer, decode))  # not a decode step: exact
+    with cpu_weights.decode_step():
+        _decode_step_checks(layer, decode, prompt, dense_linear)
+
+
+def _decode_step_checks(layer, decode, prompt, dense_linear):
     y, ref = layer(decode), _reference(layer, decode)
     assert cpu_weights.last_path(layer) == "cache-fp16" and not torch.equal(y, ref)
     assert (y - ref).norm() / ref.norm() < 2e-3

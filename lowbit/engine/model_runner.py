@@ -20,6 +20,7 @@ from lowbit.engine.sampler import SamplingBatch, sample
 from lowbit.engine.scheduler import ScheduledBatch
 from lowbit.engine.sequence import Sequence
 from lowbit.errors import LowbitError
+from lowbit.layers.cpu_weights import decode_step
 from lowbit.parallel import comm
 from lowbit.layers.paged_kv_cache import PagedAttentionMetadata, PagedKVCache
 
@@ -181,8 +182,11 @@ class ModelRunner:
                 logits, greedy = logits[rows], greedy[rows]
             return logits, greedy
         self.cache.set_metadata(self.metadata(step))
-        return self._forward(torch.tensor(step.input_ids).to(self.device, non_blocking=True),
-                             torch.tensor(step.positions).to(self.device, non_blocking=True), self.cache, rows), None
+        # a decode-only step on the CPU may read fp16 copies of the weights (layers/cpu_weights.py)
+        with decode_step(all(n == 1 for n in step.query_lens)):
+            return self._forward(torch.tensor(step.input_ids).to(self.device, non_blocking=True),
+                                 torch.tensor(step.positions).to(self.device, non_blocking=True), self.cache,
+                                 rows), None
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[int | None], list]:

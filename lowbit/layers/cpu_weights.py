@@ -12,7 +12,8 @@ $LOWBIT_CPU_PACKED_LINEAR picks a path: `cache` (default; `auto` is the same) or
 (on the fly, nothing kept: the reference the cache is checked against, and the choice where
 memory is short).
 
-Decode (a call of at most HALF_MAX_ROWS rows, fp32 activations) reads an fp16 copy of the weight
+An engine decode step (`decode_step`; a call of at most HALF_MAX_ROWS rows, fp32 activations) reads an
+fp16 copy of the weight
 instead (`half_linear`): of a packed layer's dequantized weight (its rounding, under 2^-11 of a
 weight, is far below the 4-bit grid's), and of a dense weight only where fp16 holds it exactly
 (checkpoints stored in fp16, e.g. the embeddings our quantizers write; not the fp32 weights a GGUF
@@ -30,6 +31,7 @@ What is kept is keyed by the tensors it was made from (`codes_nxk`, `scales_nxg`
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Callable
 
@@ -64,11 +66,23 @@ def _versions(sources: tuple) -> tuple:
 
 HALF_MAX_ROWS = 16
 DECODE_ENV = "LOWBIT_CPU_DECODE"
+_DECODING = [False]  # a stack: the engine's decode steps set it (decode_step)
+
+
+@contextlib.contextmanager
+def decode_step(flag: bool = True):
+    """Inside this scope (the engine's decode-only steps) small CPU matmuls may read fp16 copies."""
+    _DECODING.append(flag)
+    try:
+        yield
+    finally:
+        _DECODING.pop()
 
 
 def decode_in_half(x: torch.Tensor) -> bool:
     """Whether a CPU matmul of x reads the fp16 copy of its weight (see the module docstring)."""
-    if x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() > HALF_MAX_ROWS * x.shape[-1]:
+    if not _DECODING[-1] or x.dtype != torch.float32 or x.device.type != "cpu" \
+            or x.numel() > HALF_MAX_ROWS * x.shape[-1]:
         return False
     value = os.environ.get(DECODE_ENV, "fp16")
     if value not in ("fp16", "fp32"):

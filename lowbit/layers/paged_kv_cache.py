@@ -16,6 +16,7 @@ below (which is the CPU's).
 """
 from __future__ import annotations
 
+import os
 import traceback
 from dataclasses import dataclass
 from typing import Callable
@@ -28,6 +29,24 @@ from lowbit.kernels.kv_quant import dequantize_kv_ref, packed_head_dim, quantize
 from lowbit.layers.attention import gqa_attention
 
 SCALE_ZERO_BYTES = 2 * 2  # fp16 (scale, zero) per token and KV head, beside the codes
+ROTATION_ENV = "LOWBIT_KV_ROTATION"  # auto (int4 KV) | 1 (int8 and int4) | 0 (never)
+
+
+def hadamard(n: int) -> torch.Tensor:
+    """The orthonormal Sylvester-Hadamard matrix [n, n] (n a power of two): symmetric, its own inverse."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / n ** 0.5
+
+
+def rotates(kv_bits: int, head_dim: int) -> bool:
+    """Whether keys and values are stored in a Hadamard basis (see PagedKVCache.attention)."""
+    mode = os.environ.get(ROTATION_ENV, "auto")
+    if mode not in ("auto", "0", "1"):
+        raise LowbitError(f"{ROTATION_ENV}={mode!r}: expected auto, 0 or 1")
+    wanted = kv_bits == 4 if mode == "auto" else (mode == "1" and kv_bits != 16)
+    return wanted and head_dim & (head_dim - 1) == 0
 
 
 @dataclass
@@ -110,6 +129,9 @@ class PagedKVCache:
             use_kernels = device.type == "cuda"
         self.kernels = load_attention_kernels() if use_kernels else AttentionKernels()
         self.meta: PagedAttentionMetadata | None = None
+        # int4 KV: a Hadamard rotation spreads a head's outlier channels over all of its dims, so the
+        # per-token range each code must cover shrinks (ExLlamaV2's Q4 cache, QuaRot's online K rotation)
+        self.rotation = hadamard(head_dim).to(device, dtype) if rotates(kv_bits, head_dim) else None
 
     @staticmethod
     def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, kv_bits: int, dtype: torch.dtype) -> int:
@@ -235,6 +257,8 @@ class PagedKVCache:
                   sliding_window: int | None = None) -> torch.Tensor:
         """q [1, H, T, D] (rotary applied), new k/v [1, KVH, T, D] -> [1, H, T, D]."""
         m = self.meta
+        if self.rotation is not None:  # q.k and softmax(.)v are unchanged in an orthonormal basis
+            q, k, v = q @ self.rotation, k @ self.rotation, v @ self.rotation
         q = q[0].transpose(0, 1)  # [T, H, D]
         self.write(layer, k[0].transpose(0, 1), v[0].transpose(0, 1))
         nd = m.num_decode
@@ -245,6 +269,8 @@ class PagedKVCache:
         else:
             out = torch.cat([self.decode_attention(layer, q[:nd], sliding_window),
                              self.prefill_attention(layer, q[nd:], sliding_window)])
+        if self.rotation is not None:  # back from the Hadamard basis (the matrix is its own inverse)
+            out = out @ self.rotation
         return out.transpose(0, 1)[None]
 
     def advance(self, t: int) -> None:
