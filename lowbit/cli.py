@@ -177,6 +177,8 @@ def eval_tasks(model: str = typer.Argument("default", help=MODEL_HELP),
                                                          help="few-shot examples (default: mmlu 5, gsm8k 8, others 0)"),
                batch_size: int = typer.Option(4, "--batch-size", min=1, help="sequences per forward pass"),
                json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results as JSON here"),
+               kv_bits: int = typer.Option(16, "--kv-bits", help="16 | 8 | 4: score (and generate) through a "
+                                           "paged KV cache of these bits"),
                dtype: str = typer.Option("auto", help="auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16"),
                device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda if present)")):
     """Multiple-choice accuracy (acc, acc_norm) by log-likelihood, and GSM8K by generation (exact match,
@@ -187,11 +189,12 @@ def eval_tasks(model: str = typer.Argument("default", help=MODEL_HELP),
     from lowbit.eval.tasks import parse_tasks, run_task
 
     names = parse_tasks(tasks)
+    _check_kv_bits(kv_bits)
     triple = _load(model, dtype, device)
     m = triple[0]
     results, files = [], {}
     for name in names:
-        res = run_task(triple, name, limit, num_fewshot, batch_size)
+        res = run_task(triple, name, limit, num_fewshot, batch_size, kv_bits=kv_bits)
         if name == "gsm8k":  # generative: acc is the strict exact match, acc_norm the flexible one
             scores = (f"exact_match strict {res.acc:.4f} ± {res.acc_stderr:.4f}  "
                       f"flexible {res.acc_norm:.4f} ± {res.acc_norm_stderr:.4f}")

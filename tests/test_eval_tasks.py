@@ -75,6 +75,16 @@ def test_task_logliks_match_transformers(smol, hf_smol):
         assert max(lls) - min(lls) > 1e-3
 
 
+def test_task_scoring_through_a_quantized_kv_cache(smol):
+    """--kv-bits 8: each sequence attends through an int8 paged cache, which moves the
+    log-likelihoods a little."""
+    model, tok, _ = smol
+    items = build_items("arc_challenge", load_task("arc_challenge").rows[:1], None, None)
+    plain = score_items(model, tok, items)[0]
+    int8 = score_items(model, tok, items, kv_bits=8)[0]
+    assert int8 != plain and int8 == pytest.approx(plain, abs=0.15)
+
+
 def test_eval_tasks_cli_writes_json(tmp_path):
     out = tmp_path / "tasks.json"
     r = run_cli("eval", "tasks", "default", "--tasks", "arc_challenge", "--limit", "3", "--batch-size", "2",

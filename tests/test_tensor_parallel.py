@@ -60,8 +60,8 @@ def test_each_format_splits_into_shards_that_compute_the_whole_layer(fmt):
         part.shard("column", rank, world)
         assert part.out_features == 48 and part.shards == [("q", 32), ("k", 8), ("v", 8)]
         cols.append(part.split(part(x)))
-    for i, width in enumerate((64, 16, 16)):  # rank 0's half of q, then rank 1's, ...
-        torch.testing.assert_close(torch.cat([c[i] for c in cols], -1), y[:, sum(w for w in (64, 16, 16)[:i]):][:, :width])
+    for i, (start, width) in enumerate(((0, 64), (64, 16), (80, 16))):  # q, k, v: rank 0's half, then rank 1's
+        torch.testing.assert_close(torch.cat([c[i] for c in cols], -1), y[:, start:start + width])
     full = _layer(fmt)
     y = full(x)
     partial = []

@@ -25,7 +25,8 @@ class LLM:
         enforce_eager: decode without CUDA graphs (on a GPU they are captured at start-up).
         tensor_parallel_size: ranks to split the model over (one process and GPU each; gloo
         processes on the CPU), Megatron-style (engine/tp_workers.py); a given triple is sharded in
-        place, and must be dummy weights (the other ranks rebuild them from their recipe)."""
+        place, and must come from a checkpoint path or be dummy weights (the other ranks load the
+        same path, or rebuild the dummy weights from their recipe)."""
         self._async = None
         self._tp = None
         config = EngineConfig(kv_bits, max_batch_size, max_model_len, gpu_memory_utilization, block_size,

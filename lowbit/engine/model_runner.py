@@ -21,8 +21,8 @@ from lowbit.engine.scheduler import ScheduledBatch
 from lowbit.engine.sequence import Sequence
 from lowbit.errors import LowbitError
 from lowbit.layers.cpu_weights import decode_step
-from lowbit.parallel import comm
 from lowbit.layers.paged_kv_cache import PagedAttentionMetadata, PagedKVCache
+from lowbit.parallel import comm
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ class ModelSource:
     """How every rank gets the same model: a checkpoint path, or dummy weights by their recipe."""
 
     path: str | None = None
-    dtype: str = "auto"
+    dtype: str | torch.dtype = "auto"
     dummy: tuple | None = None  # (arch, w_bits, group_size, dtype, seed): build_dummy_model's arguments
 
     def load(self, device: torch.device):

@@ -59,7 +59,7 @@ def is_correct(prediction: str, answer: str) -> bool:
 
 
 def evaluate_gsm8k(triple, limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 16,
-                   max_new_tokens: int = MAX_NEW_TOKENS, show_progress: bool = True) -> TaskResult:
+                   max_new_tokens: int = MAX_NEW_TOKENS, show_progress: bool = True, kv_bits: int = 16) -> TaskResult:
     """triple: (model, tokenizer, checkpoint) as load_model returns -> acc = strict exact match,
     acc_norm = flexible exact match (the field names every task result shares)."""
     from lowbit.engine.llm import LLM
@@ -73,7 +73,7 @@ def evaluate_gsm8k(triple, limit: int | None = None, num_fewshot: int | None = N
     prompts = [build_prompt(r["question"], shots) for r in rows]
     tok = triple[1]
     longest = max(len(tok.encode(p)) for p in prompts) if prompts else 0
-    llm = LLM(triple, max_batch_size=batch_size, max_model_len=longest + max_new_tokens + 1)
+    llm = LLM(triple, max_batch_size=batch_size, max_model_len=longest + max_new_tokens + 1, kv_bits=kv_bits)
     params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0, stop=STOP)
     t0 = time.time()
     outputs = []
@@ -100,4 +100,4 @@ def evaluate_gsm8k(triple, limit: int | None = None, num_fewshot: int | None = N
     samples = [{"target": normalize(r["answer"]), "strict": strict_answer(o.text), "flexible": flexible_answer(o.text),
                 "text": o.text} for o, r in zip(outputs, rows)]
     return TaskResult("gsm8k", k, len(rows), len(data.rows), a, a_se, f, f_se, time.time() - t0, data.files,
-                      samples=samples)
+                      samples=samples, kv_bits=kv_bits)

@@ -39,9 +39,14 @@ def encode_pair(tokenizer, context: str, continuation: str, prefix_id: int | Non
 
 @torch.no_grad()
 def loglikelihoods(model, requests: list[Request], batch_size: int = 4, max_length: int | None = None,
-                   device=None, progress=None) -> list[float]:
-    """Summed log P(continuation | context) (nats, float64) for each request, in order."""
+                   device=None, progress=None, kv_bits: int = 16) -> list[float]:
+    """Summed log P(continuation | context) (nats, float64) for each request, in order. kv_bits 8 / 4:
+    each sequence attends through a quantized paged KV cache (eval/kv_forward.py), one at a time."""
+    from lowbit.eval.kv_forward import kv_cache_logits
+
     device = device or next(model.parameters()).device
+    if kv_bits != 16:
+        batch_size = 1  # one sequence per cache: no padding inside it
     max_length = max_length or 2048
     # unique model inputs -> the requests that read their logits
     groups: dict[tuple[int, ...], list[int]] = {}
@@ -59,7 +64,8 @@ def loglikelihoods(model, requests: list[Request], batch_size: int = 4, max_leng
         x = torch.zeros(len(batch), longest, dtype=torch.long)  # [b, T]
         for j, seq in enumerate(batch):
             x[j, :len(seq)] = torch.tensor(seq)
-        logits = model(x.to(device))  # [b, T, vocab]
+        x = x.to(device)
+        logits = model(x) if kv_bits == 16 else kv_cache_logits(model, x, kv_bits)  # [b, T, vocab]
         for j, seq in enumerate(batch):
             for i in groups[seq]:
                 cont = requests[i].continuation_ids

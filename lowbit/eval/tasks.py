@@ -29,6 +29,7 @@ class TaskResult:
     files: dict[str, str] = field(default_factory=dict)  # data file -> sha256
     groups: dict[str, dict] = field(default_factory=dict)  # mmlu: per subject {n, acc}
     samples: list[dict] = field(default_factory=list)  # gsm8k: per question what was generated and extracted
+    kv_bits: int = 16  # the KV cache the model attended (generated) through
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -38,15 +39,16 @@ GENERATIVE_BATCH = 16  # gsm8k: at least this many questions per engine batch (g
 
 
 def run_task(triple, task: str, limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 4,
-             show_progress: bool = True) -> "TaskResult":
+             show_progress: bool = True, kv_bits: int = 16) -> "TaskResult":
     """Any task of TASKS on a loaded (model, tokenizer, checkpoint): gsm8k by generation through the
-    engine (lowbit/eval/gsm8k.py), the others by log-likelihood (`evaluate_task`)."""
+    engine (lowbit/eval/gsm8k.py), the others by log-likelihood (`evaluate_task`); kv_bits 8 / 4:
+    through a quantized KV cache."""
     if task == "gsm8k":
         from lowbit.eval.gsm8k import evaluate_gsm8k
 
         return evaluate_gsm8k(triple, limit, num_fewshot, max(batch_size, GENERATIVE_BATCH),
-                              show_progress=show_progress)
-    return evaluate_task(triple[0], triple[1], task, limit, num_fewshot, batch_size, show_progress)
+                              show_progress=show_progress, kv_bits=kv_bits)
+    return evaluate_task(triple[0], triple[1], task, limit, num_fewshot, batch_size, show_progress, kv_bits)
 
 
 def mean_stderr(xs: list[float]) -> tuple[float, float]:
@@ -69,7 +71,7 @@ def parse_tasks(spec: str) -> list[str]:
 
 
 def score_items(model, tokenizer, items, batch_size: int = 4, max_length: int | None = None,
-                prefix_id: int | None = None, progress=None) -> list[list[float]]:
+                prefix_id: int | None = None, progress=None, kv_bits: int = 16) -> list[list[float]]:
     """Per item, the log-likelihood of each choice (" " + choice after the context)."""
     from lowbit.eval.loglik import encode_pair, loglikelihoods
     from lowbit.eval.task_formats import TARGET_DELIMITER
@@ -78,7 +80,7 @@ def score_items(model, tokenizer, items, batch_size: int = 4, max_length: int | 
     for it in items:
         spans.append((len(requests), len(it.choices)))
         requests += [encode_pair(tokenizer, it.context, TARGET_DELIMITER + c, prefix_id) for c in it.choices]
-    lls = loglikelihoods(model, requests, batch_size, max_length, progress=progress)
+    lls = loglikelihoods(model, requests, batch_size, max_length, progress=progress, kv_bits=kv_bits)
     return [lls[s:s + k] for s, k in spans]
 
 
@@ -87,7 +89,7 @@ def _argmax(xs: list[float]) -> int:
 
 
 def evaluate_task(model, tokenizer, task: str, limit: int | None = None, num_fewshot: int | None = None,
-                  batch_size: int = 4, show_progress: bool = True) -> TaskResult:
+                  batch_size: int = 4, show_progress: bool = True, kv_bits: int = 16) -> TaskResult:
     from lowbit.eval.task_data import load_task
     from lowbit.eval.task_formats import DEFAULT_FEWSHOT, build_items, interleave_subjects
 
@@ -106,7 +108,8 @@ def evaluate_task(model, tokenizer, task: str, limit: int | None = None, num_few
         bar = tqdm(total=sum(len(it.choices) for it in items), desc=f"{task}", unit="req", leave=False)
     t0 = time.time()
     try:
-        lls = score_items(model, tokenizer, items, batch_size, max_length, prefix_id, bar.update if bar else None)
+        lls = score_items(model, tokenizer, items, batch_size, max_length, prefix_id, bar.update if bar else None,
+                          kv_bits)
     finally:
         if bar is not None:
             bar.close()
@@ -124,4 +127,4 @@ def evaluate_task(model, tokenizer, task: str, limit: int | None = None, num_few
     an, an_se = mean_stderr(acc_norm)
     k = DEFAULT_FEWSHOT[task] if num_fewshot is None else num_fewshot
     return TaskResult(task, k, len(items), len(data.rows), a, a_se, an, an_se, time.time() - t0, data.files,
-                      dict(sorted(groups.items())))
+                      dict(sorted(groups.items())), kv_bits=kv_bits)

@@ -12,18 +12,18 @@ $LOWBIT_CPU_PACKED_LINEAR picks a path: `cache` (default; `auto` is the same) or
 (on the fly, nothing kept: the reference the cache is checked against, and the choice where
 memory is short).
 
-An engine decode step (`decode_step`; a call of at most HALF_MAX_ROWS rows, fp32 activations) reads an
-fp16 copy of the weight
-instead (`half_linear`): of a packed layer's dequantized weight (its rounding, under 2^-11 of a
-weight, is far below the 4-bit grid's), and of a dense weight only where fp16 holds it exactly
-(checkpoints stored in fp16, e.g. the embeddings our quantizers write; not the fp32 weights a GGUF
-dequantizes to, whose greedy tokens fp16 changed). One token's matmuls read every weight
-once, so the step is bound by memory bandwidth, and fp16 halves the bytes. Measured on the 2-core
-AVX2 machine (`benchmarks/README.md`, "CPU decode"): SmolLM2's quickstart AWQ model decodes at
-~16 tokens/s instead of ~9.4, with the same 200 greedy tokens on the quickstart prompt. The
-activations go in as fp16 and the products come back as fp32 (fp16 GEMV accumulates in fp32);
-prefill and evaluation (more rows) keep the exact fp32 weights, where fp16 would be compute-bound
-and 4.6x slower without fp16 arithmetic. $LOWBIT_CPU_DECODE=fp32 keeps decode in fp32 too.
+An engine decode step (`decode_step`: a call of at most HALF_MAX_ROWS rows, fp32 activations)
+reads an fp16 copy of the weight instead (`half_linear`): of a packed layer's dequantized weight
+(its rounding, under 2^-11 of a weight, is far below the 4-bit grid's), and of a dense weight only
+where fp16 holds it exactly (checkpoints stored in fp16, e.g. the embeddings our quantizers write;
+not the fp32 weights a GGUF dequantizes to, whose greedy tokens fp16 changed at the 4th token).
+One token's matmuls read every weight once, so the step is bound by memory bandwidth, and fp16
+halves the bytes. Measured on the 2-core AVX2 machine (`benchmarks/README.md`, "CPU decode"): the
+quickstart's AWQ model decodes at 17-22 tokens/s instead of 8-11, its greedy tokens first differing
+from the fp32 path's at token 17 of 128 on the quickstart prompt. The activations go in as fp16 and
+the products come back as fp32; prompts and evaluation keep the exact fp32 weights, where fp16 would
+be compute-bound (4.6x slower without fp16 arithmetic). $LOWBIT_CPU_DECODE=fp32 keeps decode in
+fp32 too, exactly as before.
 
 What is kept is keyed by the tensors it was made from (`codes_nxk`, `scales_nxg`, `zeros_nxg`,
 `g_idx_k`, `bias`: identity, storage and in-place version), so reloading the weights

@@ -100,6 +100,18 @@ def kernel_import_failure(e: BaseException) -> str:
     return f"{module} failed to import ({type(e).__name__}: {e})"
 
 
+def _block_run(meta: PagedAttentionMetadata, nb: int) -> slice | None:
+    """slice(b, b + nb) when the first sequence's first nb blocks are b, b + 1, ... (as a fresh
+    engine allocates them), else None; worked out once per step, for every layer."""
+    key = ("_block_run", nb)
+    if key not in meta.__dict__:
+        t = meta.block_tables[0, :nb]
+        b = int(t[0])
+        contiguous = bool(torch.equal(t.long(), torch.arange(b, b + nb, dtype=torch.long, device=t.device)))
+        meta.__dict__[key] = slice(b, b + nb) if contiguous else None
+    return meta.__dict__[key]
+
+
 class PagedKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  kv_bits: int, dtype: torch.dtype, device: torch.device | str, use_kernels: bool | None = None):
@@ -181,9 +193,13 @@ class PagedKVCache:
         return pages.view(-1, *pages.shape[2:])  # [num_blocks * block_size, kv_heads, ...]
 
     # -- reading (PyTorch path) --------------------------------------------------------------
-    def _read(self, layer: int, blocks: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """blocks int64 [..., nb] -> keys and values [..., nb * block_size, kv_heads, head_dim] in dtype."""
-        lead = blocks.shape
+    def _read(self, layer: int, blocks: torch.Tensor | slice, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """blocks int64 [..., nb] -> keys and values [..., nb * block_size, kv_heads, head_dim] in dtype;
+        a slice of block ids reads them as one [nb * block_size, ...] view (no gather, for 16-bit KV)."""
+        if isinstance(blocks, slice):
+            lead = (blocks.stop - blocks.start,)
+        else:
+            lead = blocks.shape
 
         def pages(codes, sz):
             x = codes[blocks]  # [..., nb, block_size, kv_heads, width]
@@ -216,7 +232,11 @@ class PagedKVCache:
                                        **hint)
         longest = max(m.context_lens_host[:s])
         nb = -(-longest // self.block_size)
-        k, v = self._read(layer, m.block_tables[:s, :nb].long(), q.dtype)  # [S, L, KVH, D]
+        run = _block_run(m, nb) if s == 1 else None
+        if run is not None:  # one sequence whose blocks lie in order: read them in place
+            k, v = (x[None] for x in self._read(layer, run, q.dtype))
+        else:
+            k, v = self._read(layer, m.block_tables[:s, :nb].long(), q.dtype)  # [S, L, KVH, D]
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [S, KVH, L, D]: SDPA shares each KV head (enable_gqa)
         if s == 1 and sliding_window is None:  # one sequence: its exact context, nothing to mask
             k, v, mask = k[:, :, :longest], v[:, :, :longest], None
