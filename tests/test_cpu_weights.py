@@ -38,12 +38,6 @@ def _reference(layer, x):
     return F.linear(x, layer.dequantized_weight(), layer.bias)
 
 
-@pytest.fixture
-def fp32_decode(monkeypatch):
-    """Decode-sized calls in fp32 too (the exact path; by default they read an fp16 copy)."""
-    monkeypatch.setenv(cpu_weights.DECODE_ENV, "fp32")
-
-
 def _close(y, ref):
     # fp32 sums of 576..1536 products in another order: a few ulp of the largest partial sums
     assert (y - ref).abs().max().item() <= 2e-5 * ref.abs().max().item() + 1e-6
@@ -53,7 +47,7 @@ def _kept(layer, dtype=torch.float32):
     return layer.__dict__["_cpu_dense_weight"][dtype].value
 
 
-def test_packed_layer_keeps_its_dequantized_weight_with_the_references_numerics(monkeypatch, fp32_decode):
+def test_packed_layer_keeps_its_dequantized_weight_with_the_references_numerics(monkeypatch):
     layer = _awq_layer(960, 576, 64, seed=0, bias=True)
     decode, prompt = torch.randn(1, 1, 576), torch.randn(1, 40, 576)
     assert torch.equal(layer(decode), _reference(layer, decode))
@@ -95,7 +89,7 @@ def _decode_step_checks(layer, decode, prompt, dense_linear):
     assert torch.equal(dense_linear(x, fp32_only), F.linear(x, fp32_only))
 
 
-def test_act_order_layers_keep_the_dequantized_weight_too(fp32_decode):
+def test_act_order_layers_keep_the_dequantized_weight_too():
     """GPTQ act-order (a g_idx that is not column // group): dequantized once, kept, exact."""
     out_f, in_f, group_size, bits = 64, 128, 32, 4
     codes, scales, zeros = _codes(out_f, in_f, group_size, seed=3)
@@ -113,7 +107,7 @@ def test_act_order_layers_keep_the_dequantized_weight_too(fp32_decode):
 
 
 @pytest.mark.parametrize("mode", ["auto", "cache"])
-def test_kept_weight_is_remade_when_the_weights_are_reloaded(mode, monkeypatch, fp32_decode):
+def test_kept_weight_is_remade_when_the_weights_are_reloaded(mode, monkeypatch):
     monkeypatch.setenv(cpu_weights.MODE_ENV, mode)
     layer = _awq_layer(192, 576, 64, seed=5)
     x = torch.randn(1, 1, 576)

@@ -101,10 +101,9 @@ class ModelRunner:
             graphs.capture()
         except Exception as e:  # a kernel that cannot be captured: slower, still correct
             failure = f"capture failed ({type(e).__name__}: {e})"
-        if failure is None and comm.min_over_ranks(1) == 0:  # every rank decodes the same way
+        captured_everywhere = comm.min_over_ranks(int(failure is None))  # every rank decodes the same way
+        if failure is None and not captured_everywhere:
             failure = "another tensor-parallel rank failed to capture"
-        elif failure is not None:
-            comm.min_over_ranks(0)
         if failure is not None:
             self.graph_status = f"off: {failure}"
             log.warning("CUDA graphs off: %s; decoding eagerly", failure)

@@ -71,7 +71,13 @@ _DECODING = [False]  # a stack: the engine's decode steps set it (decode_step)
 
 @contextlib.contextmanager
 def decode_step(flag: bool = True):
-    """Inside this scope (the engine's decode-only steps) small CPU matmuls may read fp16 copies."""
+    """Inside this scope (the engine's decode-only steps) small CPU matmuls may read fp16 copies,
+    unless $LOWBIT_CPU_DECODE=fp32 (read here, once a step, not once a matmul)."""
+    if flag:
+        value = os.environ.get(DECODE_ENV, "fp16")
+        if value not in ("fp16", "fp32"):
+            raise LowbitError(f"{DECODE_ENV}={value!r}: expected fp16 or fp32")
+        flag = value == "fp16"
     _DECODING.append(flag)
     try:
         yield
@@ -81,13 +87,8 @@ def decode_step(flag: bool = True):
 
 def decode_in_half(x: torch.Tensor) -> bool:
     """Whether a CPU matmul of x reads the fp16 copy of its weight (see the module docstring)."""
-    if not _DECODING[-1] or x.dtype != torch.float32 or x.device.type != "cpu" \
-            or x.numel() > HALF_MAX_ROWS * x.shape[-1]:
-        return False
-    value = os.environ.get(DECODE_ENV, "fp16")
-    if value not in ("fp16", "fp32"):
-        raise LowbitError(f"{DECODE_ENV}={value!r}: expected fp16 or fp32")
-    return value == "fp16"
+    return (_DECODING[-1] and x.dtype == torch.float32 and x.device.type == "cpu"
+            and x.numel() <= HALF_MAX_ROWS * x.shape[-1])
 
 
 def half_linear(x: torch.Tensor, weight16: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -68,7 +68,7 @@ class DenseMethod(LinearMethod):
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight^T + bias; a CPU decode call reads an fp16 copy of the weight (cpu_weights.py says
     why: half the bytes of a bandwidth-bound step)."""
-    if x.device.type == "cpu" and cpu_weights.decode_in_half(x):
+    if cpu_weights.decode_in_half(x):
         weight16 = cpu_weights.half_copy(weight)
         if weight16 is not None:
             return cpu_weights.half_linear(x, weight16, bias)

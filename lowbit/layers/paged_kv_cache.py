@@ -195,7 +195,7 @@ class PagedKVCache:
     # -- reading (PyTorch path) --------------------------------------------------------------
     def _read(self, layer: int, blocks: torch.Tensor | slice, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """blocks int64 [..., nb] -> keys and values [..., nb * block_size, kv_heads, head_dim] in dtype;
-        a slice of block ids reads them as one [nb * block_size, ...] view (no gather, for 16-bit KV)."""
+        a slice of block ids reads those adjacent blocks without a gather (a view of 16-bit pages)."""
         if isinstance(blocks, slice):
             lead = (blocks.stop - blocks.start,)
         else:

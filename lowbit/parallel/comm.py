@@ -39,10 +39,6 @@ def world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
     """The sum of x over the ranks, in place (a row-parallel layer's partial products)."""
     if world() > 1:
