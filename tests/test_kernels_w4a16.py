@@ -180,3 +180,27 @@ def test_w4a16_cuda_gemv(n, k, group, split, warps, bn, depth):
         assert torch.isfinite(out).all()
         assert rel_err(out, ref) < 4e-3
         assert int(w.locks.abs().sum()) == 0
+
+
+@pytest.mark.skipif(not _cuda_kernels_on(), reason="the CUDA C++ tensor-core kernel builds and runs on a Hopper-class GPU")
+@pytest.mark.parametrize("warps,depth", [(4, 2), (8, 2), (4, 4)])
+@pytest.mark.parametrize("m,n,k,group,split", [(2, 256, 512, 128, 1), (5, 148, 320, 64, 3), (16, 4096, 4096, 128, 4),
+                                               (17, 512, 1024, -1, 7), (33, 1024, 11008, 128, 2),
+                                               (64, 4096, 4096, 128, 8), (48, 64, 200, -1, 1), (1, 96, 256, 128, 2)])
+def test_w4a16_cuda_mma(m, n, k, group, split, warps, depth):
+    """The CUDA C++ tensor-core kernel ('mmc', csrc/w4a16_mma.cu) against the PyTorch reference:
+    1-4 row tiles with rows past M, both group layouts, per-channel scales, a padded last block,
+    N not a multiple of the column tile (and of 8), K longer than one shared-memory chunk of x,
+    split-K (twice: a counter left armed would spoil the second call), a row of x with a stride."""
+    if depth == 4 and m > 32:
+        pytest.skip("4 blocks in flight are built up to 32 rows")
+    codes, scales, zeros, _ = make_weight(n, k, 4, group, False, False, seed=n + k + m)
+    x_wide = torch.randn(m, k + 8, generator=torch.Generator().manual_seed(k + m)).half()
+    x = x_wide.cuda()[:, :k]  # rows k + 8 apart
+    w = pack_w4a16(codes.cuda(), scales.cuda(), zeros.cuda(), group, bits=4)
+    ref = w4a16_ref(x_wide[:, :k].float(), codes, scales, zeros, group)
+    for _ in range(2):
+        out = w4a16_matmul(x, w, config=Config("mmc", 64, 32 * warps, depth, split, warps, 1))
+        assert torch.isfinite(out).all()
+        assert rel_err(out, ref) < 4e-3
+        assert int(w.locks.abs().sum()) == 0

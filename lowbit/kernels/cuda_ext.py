@@ -26,19 +26,30 @@ def enabled(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
+_SOURCES = ("w4a16_gemv.cu", "w4a16_mma.cu")
+_DECLS = (
+    "void w4a16_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros, "
+    "torch::Tensor out, torch::Tensor partials, torch::Tensor locks, int64_t kx, int64_t group_planes, "
+    "int64_t split, int64_t warps, int64_t cols, int64_t depth, bool pdl);",
+    "void w4a16_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros, "
+    "torch::Tensor out, torch::Tensor partials, torch::Tensor locks, int64_t kx, int64_t group_planes, "
+    "int64_t split, int64_t warps, int64_t depth, bool pdl);",
+)
+
+
 @functools.lru_cache(maxsize=None)
-def w4a16_gemv_module():
-    """The compiled module holding `w4a16_gemv` (csrc/w4a16_gemv.cu)."""
+def w4a16_module():
+    """The compiled module holding `w4a16_gemv` (csrc/w4a16_gemv.cu, M = 1) and `w4a16_mma`
+    (csrc/w4a16_mma.cu, M = 2..64): one build, one translation unit."""
     from torch.utils.cpp_extension import load_inline
 
-    source = (_CSRC / "w4a16_gemv.cu").read_text()
-    decl = ("void w4a16_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros, "
-            "torch::Tensor out, torch::Tensor partials, torch::Tensor locks, int64_t kx, int64_t group_planes, "
-            "int64_t split, int64_t warps, int64_t cols, int64_t depth, bool pdl);")
+    source = "\n".join((_CSRC / name).read_text() for name in _SOURCES)
     try:
-        return load_inline(name="lowbit_w4a16_gemv", cpp_sources=[decl], cuda_sources=[source],
-                           functions=["w4a16_gemv"], extra_cuda_cflags=["-O3", "-gencode=arch=compute_90,code=sm_90"],
+        return load_inline(name="lowbit_w4a16_cuda", cpp_sources=["\n".join(_DECLS)], cuda_sources=[source],
+                           functions=["w4a16_gemv", "w4a16_mma"],
+                           extra_cuda_cflags=["-O3", "-gencode=arch=compute_90,code=sm_90"],
                            verbose=os.environ.get("LOWBIT_CUDA_VERBOSE") == "1")
     except Exception as exc:
-        raise RuntimeError("lowbit: building the CUDA W4A16 gemv (lowbit/kernels/csrc/w4a16_gemv.cu) failed: "
-                           f"{exc}. Set LOWBIT_CUDA_KERNELS=0 to run the Triton kernels instead.") from exc
+        raise RuntimeError("lowbit: building the CUDA W4A16 kernels (lowbit/kernels/csrc/"
+                           f"{', '.join(_SOURCES)}) failed: {exc}. Set LOWBIT_CUDA_KERNELS=0 to run the Triton "
+                           "kernels instead.") from exc

@@ -27,7 +27,10 @@ M = 64 'mmh' (tensor cores fed by LOP3 fp16 dequantization, w4a16_mma.py: 4-bit,
 >= 64 columns, fp16) and 'mmt' (the same with the product swapped, out^T = W x^T, so that the
 weights are the MMA's M side: Hopper's warpgroup MMA with the planes in registers); 'mm' (tensor
 cores, fp32 dequantization: any weight; BM = 16 for M <= 16, larger tiles for prefill); 'dq'
-(dequantize to a dense [K, N] matrix, then cuBLAS; offered for M >= 256). gemv and mm split K over
+(dequantize to a dense [K, N] matrix, then cuBLAS; offered for M >= 256). On Hopper-class GPUs
+two CUDA C++ kernels (csrc/, built on first use by cuda_ext) join the candidates for mmh's weights
+with groups of whole 64-column halves: 'gemvc' at M = 1 and 'mmc' (mma.sync fed straight from this
+layout, no shared-memory copy of the weights) at M = 2..64. gemv and mm split K over
 a second grid axis when the tiles alone would leave SMs idle: each split stores an fp32 partial and
 the last split of a tile to arrive (a per-tile counter in `locks`) sums them, all in one launch. Which config runs is timed once per (M bucket, N, K, bits,
 dtype) in a CUDA graph and cached (lowbit.kernels._common); the counters assume one stream.
@@ -270,10 +273,10 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, pg_ptr, out_ptr, N, stride_wr, stride_g
 # ---- dispatch -----------------------------------------------------------------------------------
 
 class Config(NamedTuple):
-    kind: str  # 'gemv' | 'gemvf' (fold gemv) | 'gemvh' (fp16x2 fold gemv) | 'gemvc' (CUDA C++ gemv) | 'mmh' | 'mmt' (swapped mmh) | 'mm' | 'dq'
+    kind: str  # 'gemv' | 'gemvf' (fold gemv) | 'gemvh' (fp16x2 fold gemv) | 'gemvc' (CUDA C++ gemv) | 'mmh' | 'mmt' (swapped mmh) | 'mmc' (CUDA C++ tensor cores, M <= 64) | 'mm' | 'dq'
     BM: int = 16
     BN: int = 64
-    U: int = 1  # blocks (E planes each) per loop iteration; gemvc: blocks in flight a warp
+    U: int = 1  # blocks (E planes each) per loop iteration; gemvc / mmc: blocks in flight a warp
     split: int = 1  # K splits (second grid axis); > 1: the last split of a tile sums the partials
     warps: int = 4
     stages: int = 3
@@ -319,6 +322,19 @@ def _gemvc_candidates(n: int, nb: int, sms: int) -> list[Config]:
     return out
 
 
+def _mmc_candidates(m: int, n: int, nb: int, sms: int) -> list[Config]:
+    """Programs of 4 or 8 warps (32 output columns each), 2 or 4 blocks in flight a warp (4 only up
+    to 32 rows: more would spill), K split so that the grid is one wave of one or two programs an
+    SM (a second, part-filled wave costs as much as the first)."""
+    out = []
+    for warps in (4, 8):
+        tiles = triton.cdiv(n, 32 * warps)
+        splits = dict.fromkeys(max(1, min(nb // 2, per_sm * sms // tiles)) for per_sm in (2, 1))
+        for depth in (2, 4) if m <= 32 else (2,):
+            out += [Config("mmc", 64, 32 * warps, depth, s, warps, 1) for s in splits]
+    return out
+
+
 def _candidates(m: int, n: int, w: W4A16Weight, device: torch.device, dtype: torch.dtype) -> list[Config]:
     nb = w.n_blocks
     sms = sm_count(device)
@@ -348,6 +364,8 @@ def _candidates(m: int, n: int, w: W4A16Weight, device: torch.device, dtype: tor
                      ("mmh", 32, 64, 3), ("mm", 64, 128, 3)]
         for kind, bm, bn, stages in tiles:
             out += with_splits(kind, bm, bn, 1, 4, stages)
+        if _gemvc_applies(w, dtype, device):
+            out += _mmc_candidates(m, n, nb, sms)
         return list(dict.fromkeys(out))
     if m == 1 and _gemvc_applies(w, dtype, device):
         out += _gemvc_candidates(n, nb, sms)
@@ -416,8 +434,12 @@ def _launch(cfg: Config, x2: torch.Tensor, w: W4A16Weight, out: torch.Tensor) ->
             # multiprocessors this grid's later programs need)
             num_warps=cfg.warps, num_stages=cfg.stages, USE_PDL=False)
     elif cfg.kind == "gemvc":
-        cuda_ext.w4a16_gemv_module().w4a16_gemv(x2, qw, s, z, out, ws, w.locks, kx, w.group_planes, split,
-                                                cfg.warps, cfg.BN // 32, cfg.U, use_pdl(x2.device))
+        cuda_ext.w4a16_module().w4a16_gemv(x2, qw, s, z, out, ws, w.locks, kx, w.group_planes, split,
+                                           cfg.warps, cfg.BN // 32, cfg.U, use_pdl(x2.device))
+    elif cfg.kind == "mmc":
+        # like mmh / mmt, never a programmatic dependent at decode batches (see above)
+        cuda_ext.w4a16_module().w4a16_mma(x2, qw, s, z, out, ws, w.locks, kx, w.group_planes, split,
+                                          cfg.warps, cfg.U, False)
     elif cfg.kind == "gemvh":
         _gemv_h2_kernel[(triton.cdiv(n, cfg.BN), split)](
             x2, qw, s, z, out, ws, w.locks, n, kx, s.shape[0], nb, bps, split, qw.stride(0), s.stride(0),

@@ -17,7 +17,8 @@ TORCH_PACKED = cpu_weights.PATHS["cache"]  # the CPU's default path for AWQ / GP
 TORCH_ATTENTION = {"kv_write": "torch index_copy_", "attention_decode": "torch sdpa (padded batch)",
                    "attention_prefill": "torch sdpa (per sequence)"}
 W4A16 = "triton w4a16_matmul"
-W4A16_CUDA = "w4a16_matmul: CUDA C++ gemv at batch 1 (kernels/csrc/w4a16_gemv.cu), Triton above it"
+W4A16_CUDA = ("w4a16_matmul: CUDA C++ gemv at batch 1 (kernels/csrc/w4a16_gemv.cu) and tensor-core kernel "
+              "among the tuner's candidates up to 64 rows (kernels/csrc/w4a16_mma.cu), Triton beside and above")
 # compressed-tensors W8A8 layers (layers/w8a8_linear.py): int8 runs the Triton GEMM on CUDA, fp8
 # its PyTorch reference everywhere until an fp8 GEMM lands
 TORCH_W8A8 = {"w8a8": "torch int8 reference (exact int32 accumulation)",
