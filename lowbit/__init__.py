@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "LLM": "lowbit.engine.llm",
     "SamplingParams": "lowbit.engine.sampling_params",
+    "StructuredOutput": "lowbit.engine.structured_output",
     "RequestOutput": "lowbit.engine.outputs",
     "load_model": "lowbit.loading.loader",
     "quantize": "lowbit.quant.api",

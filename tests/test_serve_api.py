@@ -105,6 +105,33 @@ def test_logit_bias_bans_and_forces_tokens(client, model_id, smol):
         client.chat.completions.create(model=model_id, messages=QUESTION, max_tokens=3, logit_bias={"5": 300})
 
 
+def test_response_format_json_schema_object_and_guided_choice(client, model_id):
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16},
+                                               "capital": {"type": "boolean"}},
+              "required": ["city", "capital"], "additionalProperties": False}
+    ask = [{"role": "user", "content": "Is Paris a capital city? Answer in JSON with city and capital."}]
+    rf = {"type": "json_schema", "json_schema": {"name": "city", "schema": schema, "strict": True}}
+    whole = client.chat.completions.create(model=model_id, messages=ask, temperature=0, max_tokens=40,
+                                           response_format=rf)
+    obj = json.loads(whole.choices[0].message.content)
+    assert set(obj) == {"city", "capital"} and isinstance(obj["capital"], bool) and whole.choices[0].finish_reason == "stop"
+    # streamed json_object: the chunks together are one JSON object
+    chunks = list(client.chat.completions.create(model=model_id, messages=ask, temperature=0, max_tokens=60,
+                                                 stream=True, response_format={"type": "json_object"}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert isinstance(json.loads(text), dict)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    # vLLM's guided_choice through extra_body, on the completions API
+    pick = client.completions.create(model=model_id, prompt="Is Paris in France? Answer:", max_tokens=4, temperature=0,
+                                     extra_body={"guided_choice": ["yes", "no"]})
+    assert pick.choices[0].text in ("yes", "no")
+    with pytest.raises(openai.BadRequestError, match="unclosed group"):
+        client.completions.create(model=model_id, prompt="x", max_tokens=4, extra_body={"guided_regex": "("})
+    with pytest.raises(openai.BadRequestError, match="json_schema.schema"):
+        client.chat.completions.create(model=model_id, messages=ask, max_tokens=4,
+                                       response_format={"type": "json_schema", "json_schema": {"name": "x"}})
+
+
 def test_completion_stop_n_seed_penalties_logprobs(client, model_id, smol):
     _, tok, _ = smol
     prompt = "The capital of France is"

@@ -16,6 +16,7 @@ from lowbit.engine.outputs import RequestOutput, RequestState
 from lowbit.engine.sampling_params import SamplingParams
 from lowbit.engine.scheduler import Scheduler
 from lowbit.engine.sequence import Sequence
+from lowbit.engine.structured_output import GrammarCompiler
 from lowbit.errors import LowbitError
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, c.block_size, c.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, c.max_batch_size, c.max_num_batched_tokens, c.max_model_len)
         self.requests: dict[str, RequestState] = {}
+        self.grammars = GrammarCompiler(tokenizer, self.vocab_size, self.eos_token_ids)
         self.lock = threading.RLock()
         self._next_id = itertools.count()
 
@@ -58,7 +60,13 @@ class LLMEngine:
             raise LowbitError(f"{where}: prompt has {len(ids)} tokens, more than max_model_len="
                               f"{self.config.max_model_len}; shorten it or raise max_model_len")
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
-        return RequestState(Sequence(request_id, ids, params, stop_ids), text, self.tokenizer, sink, detokenize)
+        seq = Sequence(request_id, ids, params, stop_ids)
+        if params.structured_output is not None:
+            try:
+                seq.grammar = self.grammars.matcher(params.structured_output)
+            except LowbitError as e:
+                raise LowbitError(f"{where}: {e}") from None
+        return RequestState(seq, text, self.tokenizer, sink, detokenize)
 
     def new_request_id(self) -> str:
         return str(next(self._next_id))
@@ -117,7 +125,10 @@ class LLMEngine:
                     # a sampled stop token id ends the sequence without being appended
                     if state.logprobs is not None and seq.num_output_tokens > state.num_tokens_seen:
                         state.logprobs.append(lp_of[seq.seq_id])
-                    if state.on_new_tokens():
+                    if seq.grammar is not None and seq.grammar.error:
+                        raise LowbitError(seq.grammar.error)
+                    # a complete grammar admits no more tokens: done, even with ignore_eos
+                    if state.on_new_tokens() or (seq.grammar is not None and seq.grammar.done):
                         self.scheduler.finish(seq, "stop")
                 except Exception as e:  # only this request fails
                     log.exception("request %s failed", seq.request_id)

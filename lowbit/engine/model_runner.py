@@ -17,6 +17,7 @@ import torch
 from lowbit.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
 from lowbit.engine.cuda_graphs import DecodeGraphs, StepInputs
 from lowbit.engine.sampler import SamplingBatch, sample
+from lowbit.engine.structured_output import allowed_tokens_bitmask, apply_bitmask
 from lowbit.engine.scheduler import ScheduledBatch
 from lowbit.engine.sequence import Sequence
 from lowbit.errors import LowbitError
@@ -209,6 +210,11 @@ class ModelRunner:
         tokens, logprobs = [None] * len(batch), [None] * len(batch)
         if not sampling:
             return tokens, logprobs
+        grammars = [s.grammar for s in sampling]
+        if any(g is not None for g in grammars):
+            # the masks are made on the CPU once the step is launched: on a GPU, while it runs
+            logits = apply_bitmask(logits, allowed_tokens_bitmask(grammars, logits.shape[-1]))
+            greedy = None
         if all(s.params.greedy and not s.params.has_penalties and not s.params.logit_bias and s.params.logprobs is None
                for s in sampling):
             # the sampler's greedy rows, without building its batch: the common decode step
@@ -216,7 +222,11 @@ class ModelRunner:
         else:
             sb = SamplingBatch.build(sampling, [self._generator(s) for s in sampling], self.vocab_size, self.device)
             new, lps = sample(logits, sb)
-        by_seq = dict(zip((s.seq_id for s in sampling), zip(new.tolist(), lps or [None] * len(sampling))))
+        new = new.tolist()
+        for g, token in zip(grammars, new):
+            if g is not None:
+                g.consume(token)
+        by_seq = dict(zip((s.seq_id for s in sampling), zip(new, lps or [None] * len(sampling))))
         for i, seq in enumerate(batch.seqs):
             if seq.seq_id in by_seq:
                 tokens[i], logprobs[i] = by_seq[seq.seq_id]

@@ -135,6 +135,8 @@ def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, wanted: list[int | N
             out.append(None)
             continue
         pairs = [(int(tokens[i]), float(chosen[i]))]
-        pairs += [(int(t), float(v)) for t, v in zip(top_idx[i, :n].tolist(), top_val[i, :n].tolist())]
+        # tokens masked out (structured output) have no probability: not alternatives
+        pairs += [(int(t), float(v)) for t, v in zip(top_idx[i, :n].tolist(), top_val[i, :n].tolist())
+                  if v != float("-inf")]
         out.append(pairs)
     return out

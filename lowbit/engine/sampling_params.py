@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lowbit.engine.structured_output import StructuredOutput
 from lowbit.errors import LowbitError
 
 
@@ -28,6 +29,8 @@ class SamplingParams:
     # token id -> added to its logit before penalties and sampling (OpenAI's logit_bias, -100..100:
     # -100 all but bans a token, 100 all but forces it)
     logit_bias: dict[int, float] = field(default_factory=dict)
+    # the output must match a JSON schema, any JSON object, a regex or a choice (structured_output.py)
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -48,6 +51,8 @@ class SamplingParams:
             (all(s for s in self.stop), "stop: empty stop strings are not allowed"),
             (all(isinstance(t, int) and t >= 0 and -100 <= b <= 100 for t, b in self.logit_bias.items()),
              "logit_bias: token ids must be integers >= 0 and biases in [-100, 100]"),
+            (self.structured_output is None or isinstance(self.structured_output, StructuredOutput),
+             "structured_output: must be a lowbit.StructuredOutput"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -33,6 +33,9 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None  # "stop", "length", "abort" or "error"
         self.num_preemptions = 0
+        # where the output stands in its grammar (structured_output.Matcher), for requests that
+        # constrain their output; the model runner masks and advances it
+        self.grammar = None
 
     def __len__(self) -> int:
         return len(self.token_ids)

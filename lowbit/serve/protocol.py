@@ -5,9 +5,13 @@ misspelt option is an error the client sees, not a silent default.
 """
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+import json
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from lowbit.engine.structured_output import StructuredOutput
+from lowbit.errors import LowbitError
 
 
 class ErrorResponse(Exception):
@@ -45,6 +49,19 @@ class StreamOptions(_Strict):
     continuous_usage_stats: bool = False  # usage so far on every chunk (vLLM's extension)
 
 
+class JsonSchemaFormat(_Strict):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(max_length=64)
+    description: Optional[str] = None
+    schema_: Optional[dict[str, Any]] = Field(None, alias="schema")  # `schema` is a pydantic method
+    strict: Optional[bool] = None  # the grammar always holds the output to the schema
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+
 class _Sampling(_Strict):
     model: str
     max_tokens: Optional[int] = Field(None, ge=1)
@@ -59,6 +76,45 @@ class _Sampling(_Strict):
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
     logit_bias: Optional[dict[str, float]] = None  # token id (as a string, OpenAI's shape) -> bias in [-100, 100]
+    response_format: Optional[ResponseFormat] = None
+    # vLLM's guided decoding fields (the openai client sends them in extra_body)
+    guided_json: Union[dict[str, Any], str, None] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+
+    def structured_output(self) -> StructuredOutput | None:
+        """What response_format or a guided_* field asks the output to match; None for free text."""
+        def spec(param: str, **what) -> tuple[str, StructuredOutput]:
+            try:
+                return param, StructuredOutput(**what)
+            except LowbitError as e:
+                raise ErrorResponse(400, f"{param}: {e}", param=param) from None
+
+        asked = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            asked.append(spec("response_format", json_object=True))
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.schema_ is None:
+                raise ErrorResponse(400, "response_format: type json_schema needs json_schema.schema",
+                                    param="response_format")
+            asked.append(spec("response_format", json_schema=rf.json_schema.schema_))
+        if self.guided_json is not None:
+            schema = self.guided_json
+            if isinstance(schema, str):
+                try:
+                    schema = json.loads(schema)
+                except ValueError as e:
+                    raise ErrorResponse(400, f"guided_json: not JSON ({e})", param="guided_json") from None
+            asked.append(spec("guided_json", json_schema=schema))
+        if self.guided_regex is not None:
+            asked.append(spec("guided_regex", regex=self.guided_regex))
+        if self.guided_choice is not None:
+            asked.append(spec("guided_choice", choice=self.guided_choice))
+        if len(asked) > 1:
+            raise ErrorResponse(400, f"give one of response_format, guided_json, guided_regex, guided_choice; got "
+                                     f"{', '.join(name for name, _ in asked)}", param=asked[1][0])
+        return asked[0][1] if asked else None
 
     def logit_bias_ids(self, vocab_size: int) -> dict[int, float]:
         bias = {}

@@ -75,7 +75,8 @@ class OpenAIServer:
             return SamplingParams(max_tokens=max_tokens or room, temperature=req.temperature, top_p=req.top_p,
                                   seed=req.seed, stop=req.stop_list(), presence_penalty=req.presence_penalty,
                                   frequency_penalty=req.frequency_penalty, logprobs=logprobs,
-                                  logit_bias=req.logit_bias_ids(self.engine.engine.vocab_size))
+                                  logit_bias=req.logit_bias_ids(self.engine.engine.vocab_size),
+                                  structured_output=req.structured_output())
         except LowbitError as e:
             raise ErrorResponse(400, str(e)) from None
 
