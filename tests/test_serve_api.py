@@ -132,6 +132,46 @@ def test_response_format_json_schema_object_and_guided_choice(client, model_id):
                                        response_format={"type": "json_schema", "json_schema": {"name": "x"}})
 
 
+def test_tool_calls_named_required_streamed_and_a_tool_turn(client, model_id):
+    weather = {"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16},
+                                                        "unit": {"enum": ["celsius", "fahrenheit"]}},
+                       "required": ["city", "unit"], "additionalProperties": False}}}
+    clock = {"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+        "additionalProperties": False}}}
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    named = client.chat.completions.create(model=model_id, messages=ask, tools=[weather, clock], temperature=0,
+                                           max_tokens=40, tool_choice={"type": "function",
+                                                                       "function": {"name": "get_weather"}})
+    choice = named.choices[0]
+    call = choice.message.tool_calls[0]
+    args = json.loads(call.function.arguments)
+    assert choice.finish_reason == "tool_calls" and call.function.name == "get_weather" and call.id.startswith("call_")
+    assert set(args) == {"city", "unit"} and args["unit"] in ("celsius", "fahrenheit")
+
+    required = client.chat.completions.create(model=model_id, messages=ask, tools=[weather, clock], temperature=0,
+                                              max_tokens=60, tool_choice="required", parallel_tool_calls=False)
+    calls = required.choices[0].message.tool_calls
+    assert len(calls) == 1 and calls[0].function.name in ("get_weather", "get_time")
+    json.loads(calls[0].function.arguments)
+
+    # streamed: the call arrives whole in one delta, then finish_reason tool_calls
+    chunks = list(client.chat.completions.create(model=model_id, messages=ask, tools=[weather], temperature=0,
+                                                 max_tokens=40, stream=True, tool_choice={
+                                                     "type": "function", "function": {"name": "get_weather"}}))
+    deltas = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert len(deltas) == 1 and json.loads(deltas[0][0].function.arguments) == args
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+
+    # the conversation goes on with the tool's answer
+    turn = ask + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                  {"role": "tool", "tool_call_id": call.id, "content": "18 C and sunny"}]
+    reply = client.chat.completions.create(model=model_id, messages=turn, tools=[weather], temperature=0, max_tokens=16)
+    assert reply.choices[0].message.content and reply.choices[0].finish_reason in ("stop", "length")
+
+
 def test_completion_stop_n_seed_penalties_logprobs(client, model_id, smol):
     _, tok, _ = smol
     prompt = "The capital of France is"

@@ -70,15 +70,18 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
+        """`tools` (OpenAI's tool definitions) go to the template as HF's `tools`; a template that
+        does not use them ignores them."""
         if not self.chat_template:
             # no template: plain concatenation, so base models still answer something sensible
-            return "\n".join(m["content"] for m in messages) + ("\n" if add_generation_prompt else "")
+            return "\n".join(m.get("content") or "" for m in messages) + ("\n" if add_generation_prompt else "")
         return _render(self.chat_template, messages=messages, add_generation_prompt=add_generation_prompt,
-                       bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+                       bos_token=self.bos_token or "", eos_token=self.eos_token or "", tools=tools)
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        text = self.apply_chat_template(messages)
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        text = self.apply_chat_template(messages, tools=tools)
         # a template that already wrote the BOS must not get a second one
         return self.encode(text, add_special_tokens=not (self.bos_token and text.startswith(self.bos_token)))
 

@@ -19,8 +19,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 
 from lowbit.errors import LowbitError
 from lowbit.serve.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse
-from lowbit.serve.responses import (UsageSoFar, chat_chunk, chat_logprobs, chat_response, completion_chunk,
-                                    completion_logprobs, completion_response, sse, usage)
+from lowbit.serve.responses import (UsageSoFar, chat_chunk, chat_logprobs, chat_message, chat_response,
+                                    completion_chunk, completion_logprobs, completion_response, sse, tool_call_deltas,
+                                    usage)
 from lowbit.serve.serving import OpenAIServer
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -124,9 +125,9 @@ def build_app(server: OpenAIServer, ui: bool = False) -> FastAPI:
         if req.top_logprobs is not None and not req.logprobs:
             raise ErrorResponse(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         server.check_load(req.n)
+        tool_mode = req.tool_mode()
         try:
-            prompt_ids = tok.encode_chat([{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                                          for m in req.messages])
+            prompt_ids = tok.encode_chat([m.for_template() for m in req.messages], tools=tool_mode.template_tools())
         except LowbitError as e:
             raise ErrorResponse(400, f"messages: {e}", param="messages") from None
         n_logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -138,7 +139,7 @@ def build_app(server: OpenAIServer, ui: bool = False) -> FastAPI:
             if outs is None:
                 return Response(status_code=CLIENT_CLOSED)
             _raise_failed(outs)
-            return chat_response(rid, created, name, outs, len(prompt_ids), tok, req.logprobs)
+            return chat_response(rid, created, name, outs, len(prompt_ids), tok, req.logprobs, tool_mode)
 
         async def events():
             so_far = UsageSoFar(len(prompt_ids), req.n, continuous_usage)
@@ -149,17 +150,26 @@ def build_app(server: OpenAIServer, ui: bool = False) -> FastAPI:
                 async for i, out in outputs:
                     so_far.add(i, out)
                     parts = []  # one write for all that this output brings (text, then the finish)
-                    lp = chat_logprobs(out, tok, out.delta_token_ids) if req.logprobs else None
-                    if out.delta_text or lp:
-                        parts.append(so_far.stamp(chat_chunk(rid, created, name, i, {"content": out.delta_text},
-                                                              logprobs=lp)))
+                    if not tool_mode.buffers:
+                        lp = chat_logprobs(out, tok, out.delta_token_ids) if req.logprobs else None
+                        if out.delta_text or lp:
+                            parts.append(so_far.stamp(chat_chunk(rid, created, name, i, {"content": out.delta_text},
+                                                                  logprobs=lp)))
                     if out.finished:
                         completion_tokens += len(out.token_ids)
-                        if out.finish_reason == "error":
+                        finish = out.finish_reason
+                        if finish == "error":
                             parts.append(ErrorResponse(500, str(out.error), type_="server_error").body())
                         else:
-                            parts.append(so_far.stamp(chat_chunk(rid, created, name, i, {},
-                                                                  finish=out.finish_reason)))
+                            if tool_mode.buffers:  # tool calls are known once the answer is whole
+                                message, finish = chat_message(out, tool_mode)
+                                delta = {"content": message["content"]} if message["content"] else {}
+                                if "tool_calls" in message:
+                                    delta["tool_calls"] = tool_call_deltas(message["tool_calls"])
+                                lp = chat_logprobs(out, tok, out.token_ids) if req.logprobs else None
+                                if delta or lp:
+                                    parts.append(so_far.stamp(chat_chunk(rid, created, name, i, delta, logprobs=lp)))
+                            parts.append(so_far.stamp(chat_chunk(rid, created, name, i, {}, finish=finish)))
                     if parts:
                         yield "".join(sse(p) for p in parts)
             if include_usage:

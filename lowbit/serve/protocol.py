@@ -35,13 +35,69 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart]]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[TextPart], None] = None  # None: an assistant turn of tool calls only
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None  # an assistant turn's calls
+    tool_call_id: Optional[str] = None  # a tool turn answers this call
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+    def for_template(self) -> dict:
+        """The message as HF chat templates read it (developer is system; a call's arguments a dict)."""
+        msg = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            msg["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.function.name, "arguments": _arguments(c.function.arguments)}}
+                                 for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            msg["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            msg["name"] = self.name
+        return msg
+
+
+def _arguments(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text  # passed on as sent: the template shows what the client wrote
+
+
+class FunctionDef(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None  # a JSON schema; none: no arguments
+    strict: Optional[bool] = None  # the grammar holds forced calls to the schema either way
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(_Strict):
@@ -144,6 +200,25 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    tools: Optional[list[Tool]] = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: Optional[bool] = None
+
+    def tool_mode(self) -> "ToolMode":
+        from lowbit.serve.tools import ToolMode
+
+        try:
+            return ToolMode.of(self.tools, self.tool_choice, self.parallel_tool_calls)
+        except ValueError as e:
+            raise ErrorResponse(400, str(e), param="tool_choice") from None
+
+    def structured_output(self) -> StructuredOutput | None:
+        forced = self.tool_mode().grammar()  # a forced tool call is a JSON schema of its own
+        asked = super().structured_output()
+        if forced is not None and asked is not None:
+            raise ErrorResponse(400, "a forced tool call (tool_choice required or a named function) cannot take "
+                                     "response_format or guided_* as well", param="tool_choice")
+        return forced or asked
 
 
 class CompletionRequest(_Sampling):

@@ -71,10 +71,27 @@ def chat_chunk(rid: str, created: int, model: str, index: int, delta: dict, fini
             "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
 
 
-def chat_response(rid: str, created: int, model: str, outs: list, prompt_tokens: int, tok, logprobs: bool) -> dict:
-    choices = [{"index": i, "message": {"role": "assistant", "content": o.text},
-                "logprobs": chat_logprobs(o, tok, o.token_ids) if logprobs else None,
-                "finish_reason": o.finish_reason} for i, o in enumerate(outs)]
+def chat_message(out, tool_mode) -> tuple[dict, str]:
+    """A finished answer as the assistant message (content and/or tool_calls) and its finish_reason."""
+    content, calls = tool_mode.parse(out.text, out.finish_reason)
+    message = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = calls
+    return message, ("tool_calls" if calls else out.finish_reason)
+
+
+def tool_call_deltas(calls: list[dict]) -> list[dict]:
+    """Whole tool calls as a streamed delta's `tool_calls` (each with its index)."""
+    return [{"index": k, **c} for k, c in enumerate(calls)]
+
+
+def chat_response(rid: str, created: int, model: str, outs: list, prompt_tokens: int, tok, logprobs: bool,
+                  tool_mode) -> dict:
+    choices = []
+    for i, o in enumerate(outs):
+        message, finish = chat_message(o, tool_mode)
+        choices.append({"index": i, "message": message, "logprobs": chat_logprobs(o, tok, o.token_ids) if logprobs else None,
+                        "finish_reason": finish})
     return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
             "usage": usage(prompt_tokens * len(outs), sum(len(o.token_ids) for o in outs))}
 

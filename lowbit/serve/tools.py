@@ -1,0 +1,112 @@
+"""Tool calling on the chat API (OpenAI's `tools` / `tool_choice`).
+
+The tools go to the chat template as HF's `tools` variable, so a model whose template defines tool
+use sees them as it was trained to. What comes back depends on `tool_choice`:
+
+* a named function: the answer is held to that function's parameter schema by structured output
+  and returned as one call of it (vLLM does the same);
+* "required": held to a JSON array of {"name", "arguments"} objects, one per call, each naming a
+  given tool with arguments of its schema (at most one with parallel_tool_calls false);
+* "auto" (the default with tools): free text; calls written the way Hermes-style templates (Qwen2.5,
+  Hermes, ...) teach, `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, become tool calls
+  and the rest stays content;
+* "none": free text, no calls.
+"""
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+
+from lowbit.engine.structured_output import StructuredOutput
+
+_HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+_NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
+
+
+@dataclass(frozen=True)
+class ToolMode:
+    kind: str  # "none" | "auto" | "required" | "named"
+    tools: tuple = ()  # OpenAI tool definitions as dicts (what the template gets)
+    name: str | None = None  # the named function
+    parallel: bool = True
+
+    @classmethod
+    def of(cls, tools, choice, parallel: bool | None) -> "ToolMode":
+        """From the request's tools (protocol.Tool list or None), tool_choice and
+        parallel_tool_calls; ValueError says what does not fit together."""
+        defs = tuple(t.model_dump(exclude_none=True) for t in tools or [])
+        names = [d["function"]["name"] for d in defs]
+        if len(set(names)) != len(names):
+            raise ValueError("tools: function names must be unique")
+        if choice is None:
+            choice = "auto" if defs else "none"
+        if isinstance(choice, str):
+            if choice in ("auto", "required") and not defs:
+                raise ValueError(f"tool_choice {choice!r} needs tools")
+            return cls(choice, defs, None, parallel is not False)
+        name = choice.function.name
+        if name not in names:
+            raise ValueError(f"tool_choice names function {name!r}, which is not among the tools "
+                             f"({', '.join(names) or 'none given'})")
+        return cls("named", defs, name, parallel is not False)
+
+    def template_tools(self) -> list[dict] | None:
+        return list(self.tools) or None
+
+    def _parameters(self, name: str) -> dict:
+        fn = next(d["function"] for d in self.tools if d["function"]["name"] == name)
+        return fn.get("parameters") or _NO_PARAMETERS
+
+    def grammar(self) -> StructuredOutput | None:
+        """The structured output a forced call needs; None where the model answers freely."""
+        if self.kind == "named":
+            return StructuredOutput(json_schema=self._parameters(self.name))
+        if self.kind != "required":
+            return None
+        calls = [{"type": "object", "properties": {"name": {"const": d["function"]["name"]},
+                                                   "arguments": self._parameters(d["function"]["name"])},
+                  "required": ["name", "arguments"], "additionalProperties": False} for d in self.tools]
+        schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+        if not self.parallel:
+            schema["maxItems"] = 1
+        return StructuredOutput(json_schema=schema)
+
+    @property
+    def buffers(self) -> bool:
+        """Whether a streamed answer is held back until it ends (calls are known only then)."""
+        return self.kind != "none"
+
+    def parse(self, text: str, finish_reason: str) -> tuple[str | None, list[dict] | None]:
+        """-> (content, tool_calls) of a finished answer in OpenAI's shape. An answer cut short
+        (finish_reason "length") or one whose calls do not parse stays content."""
+        if self.kind == "none" or finish_reason != "stop":
+            return text, None
+        if self.kind == "named":
+            return None, [_call(self.name, text)]
+        if self.kind == "required":
+            try:
+                items = json.loads(text)
+            except ValueError:
+                return text, None
+            return None, [_call(c["name"], json.dumps(c["arguments"], ensure_ascii=False)) for c in items]
+        names = {d["function"]["name"] for d in self.tools}
+        calls = []
+        for block in _HERMES_CALL.findall(text):
+            try:
+                c = json.loads(block)
+            except ValueError:
+                return text, None
+            if not isinstance(c, dict) or c.get("name") not in names:
+                return text, None
+            args = c.get("arguments", {})
+            calls.append(_call(c["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)))
+        if not calls:
+            return text, None
+        content = _HERMES_CALL.sub("", text).strip()
+        return content or None, calls
+
+
+def _call(name: str, arguments: str) -> dict:
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": name, "arguments": arguments}}
