@@ -11,6 +11,8 @@ from typing import Callable, Hashable, Sequence
 
 import torch
 
+from lowbit.kernels import tune_cache
+
 # Tests set this to prove every output element is written: kernel outputs and split-K workspaces
 # are then born as NaN instead of uninitialised memory (which is often zeros, hiding misses).
 POISON = False
@@ -92,7 +94,8 @@ def _flush_cost(device: torch.device):
 
 
 def pick_config(key: Hashable, candidates: Callable[[], Sequence], run: Callable[[object], None], device: torch.device):
-    """The fastest of `candidates()` for `key` (the first when tuning is off), cached per process.
+    """The fastest of `candidates()` for `key` (the first when tuning is off), cached per process
+    and on disk per GPU model and kernel source (tune_cache.py).
 
     Each candidate is timed in a CUDA graph after an L2 flush (the weights come from HBM, as in a
     model whose layers follow one another), minus the flush's own time."""
@@ -104,6 +107,12 @@ def pick_config(key: Hashable, candidates: Callable[[], Sequence], run: Callable
         return cands[0]
     if torch.cuda.is_current_stream_capturing():
         return cands[0]
+    disk = tune_cache.cache_file(torch.cuda.get_device_name(device), tune_cache.versions())
+    stored = tune_cache.lookup(disk, key, cands)
+    if stored is not None:  # timed by an earlier process on this GPU model and kernel source
+        _TUNED[key] = stored
+        TUNE_LOG.append({"key": repr(key), "best": repr(stored), "best_ms": None, "from_disk": str(disk)})
+        return stored
     buf, flush_ms = _flush_cost(device)
     timings = []
     for cfg in cands:
@@ -117,6 +126,7 @@ def pick_config(key: Hashable, candidates: Callable[[], Sequence], run: Callable
     if best[0] == float("inf"):
         raise RuntimeError(f"no config ran for {key}: {timings[0][2]}")
     _TUNED[key] = best[1]
+    tune_cache.store(disk, key, best[1])
     TUNE_LOG.append({"key": repr(key), "best": repr(best[1]), "best_ms": best[0],
                      "tried": [(repr(c), ms, err) for ms, c, err in timings]})
     return best[1]
