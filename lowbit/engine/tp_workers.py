@@ -55,9 +55,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def dump_stacks_if_stuck() -> None:
+    """With LOWBIT_HANG_DUMP_S=N, every N seconds each rank prints where its threads are (to
+    stderr): what a hang in a collective shows (the 2-GPU runs with CUDA graphs)."""
+    seconds = float(os.environ.get("LOWBIT_HANG_DUMP_S", "0") or 0)
+    if seconds > 0:
+        import faulthandler
+
+        faulthandler.dump_traceback_later(seconds, repeat=True)
+
+
 def _worker(rank: int, world: int, port: int, source: ModelSource, device_type: str, config, errors) -> None:
     """Rank `rank`'s life: join the group, load and shard the model, build the runner, then run
     every step rank 0 broadcasts until it sends None."""
+    dump_stacks_if_stuck()
     try:
         device = rank_device(torch.device(device_type), rank)
         if device.type == "cuda":
@@ -90,6 +101,7 @@ class TPWorkers:
         self.world = world
         ctx = mp.get_context("spawn")  # CUDA cannot be forked; spawn is the same on the CPU
         self.errors = ctx.Queue()
+        dump_stacks_if_stuck()  # rank 0's stacks too
         port = free_port()
         self.procs = [ctx.Process(target=_worker, args=(r, world, port, source, device.type, config, self.errors),
                                   name=f"lowbit-tp-rank{r}", daemon=True) for r in range(1, world)]
