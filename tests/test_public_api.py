@@ -35,12 +35,14 @@ def test_every_public_name_resolves_to_its_module():
     from lowbit.engine.llm import LLM
     from lowbit.engine.outputs import RequestOutput
     from lowbit.engine.sampling_params import SamplingParams
+    from lowbit.engine.structured_output import StructuredOutput
     from lowbit.errors import LowbitError
     from lowbit.loading.loader import load_model
     from lowbit.quant.api import quantize
 
     expected = {"LLM": LLM, "SamplingParams": SamplingParams, "RequestOutput": RequestOutput,
-                "load_model": load_model, "quantize": quantize, "LowbitError": LowbitError}
+                "load_model": load_model, "quantize": quantize, "LowbitError": LowbitError,
+                "StructuredOutput": StructuredOutput}
     assert set(lowbit.__all__) == set(expected)
     assert {name: getattr(lowbit, name) for name in lowbit.__all__} == expected
     assert set(lowbit.__all__) <= set(dir(lowbit))
