@@ -39,7 +39,7 @@ class DummyTokenizer:
     def encode(self, text: str) -> list[int]:
         raise LowbitError("dummy weights have no tokenizer: give prompts as token ids")
 
-    def encode_chat(self, messages) -> list[int]:
+    def encode_chat(self, messages, tools=None) -> list[int]:
         return self.encode("")
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:

@@ -18,7 +18,8 @@ class ByteChatTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        # no template: tools are not shown (a forced call's grammar still needs a real tokenizer)
         return self.encode("".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: ")
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lowbit.engine.structured_output import StructuredOutput
 from lowbit.errors import LowbitError
@@ -52,6 +52,13 @@ class ChatMessage(_Strict):
     name: Optional[str] = None
     tool_calls: Optional[list[ToolCall]] = None  # an assistant turn's calls
     tool_call_id: Optional[str] = None  # a tool turn answers this call
+
+    @model_validator(mode="after")
+    def _content_unless_calls(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"content is required in a {self.role} message (only an assistant turn of "
+                             "tool_calls may leave it out)")
+        return self
 
     def text(self) -> str:
         if self.content is None:
