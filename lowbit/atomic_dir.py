@@ -12,12 +12,19 @@ from typing import Iterator
 from lowbit.errors import LowbitError
 
 
-@contextlib.contextmanager
-def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def check_output_dir(out: str | Path, overwrite: bool = False) -> None:
+    """LowbitError if `out` is taken (a file, or a non-empty directory) and not to be overwritten:
+    callers check before their work, atomic_output_dir checks again before writing."""
     out = Path(out)
     if out.exists() and not overwrite:
         if not out.is_dir() or any(out.iterdir()):
             raise LowbitError(f"{out}: already exists; choose a new path or pass --overwrite")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    out = Path(out)
+    check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     # same parent, so the final rename stays on one filesystem and is atomic
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))

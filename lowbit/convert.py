@@ -5,7 +5,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from lowbit.atomic_dir import atomic_output_dir
+from lowbit.atomic_dir import atomic_output_dir, check_output_dir
 from lowbit.errors import LowbitError
 from lowbit.loading.hf_writer import write_json, write_tensors
 from lowbit.loading.loader import open_checkpoint, parse_dtype
@@ -16,6 +16,7 @@ _DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 def convert(src: str | Path, out_dir: str | Path, dtype: str = "fp16", overwrite: bool = False,
             progress: bool = True) -> Path:
     torch_dtype = parse_dtype(dtype)
+    check_output_dir(out_dir, overwrite)  # before reading the checkpoint: a taken path costs nothing
     ckpt = open_checkpoint(src)
     if ckpt.quant:
         raise LowbitError(f"{src}: already quantized ({ckpt.quant.get('quant_method')}); convert reads dense checkpoints")

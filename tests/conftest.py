@@ -40,6 +40,16 @@ def run_cli(*args: str, timeout: float = 600, **kw) -> subprocess.CompletedProce
                           timeout=timeout, env=env, **kw)
 
 
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory, gguf_path):
+    """`lowbit convert` of the default model to an fp32 HF directory, made once (test_convert checks
+    it; test_cli_errors truncates a copy)."""
+    out = tmp_path_factory.mktemp("conv") / "smollm2-hf"
+    r = run_cli("convert", str(gguf_path), str(out), "--dtype", "fp32")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
 # Engine tests' prompts: a short fact, a long story start, a sequence, code, a question.
 PROMPTS = [
     "The capital of France is",

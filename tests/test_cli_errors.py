@@ -42,11 +42,9 @@ def test_corrupt_gguf_header(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_truncated_safetensors(tmp_path, gguf_path):
-    good = tmp_path / "good"
-    assert run_cli("convert", str(gguf_path), str(good)).returncode == 0
+def test_truncated_safetensors(tmp_path, converted):
     bad = tmp_path / "bad"
-    shutil.copytree(good, bad)
+    shutil.copytree(converted, bad)
     st = bad / "model.safetensors"
     st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
     _assert_clean_error(run_cli("generate", str(bad), "-p", "hi"), "model.safetensors")

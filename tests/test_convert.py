@@ -11,14 +11,6 @@ import torch
 from conftest import run_cli
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory, gguf_path):
-    out = tmp_path_factory.mktemp("conv") / "smollm2-hf"
-    r = run_cli("convert", str(gguf_path), str(out), "--dtype", "fp32")
-    assert r.returncode == 0, r.stderr
-    return out
-
-
 def test_convert_writes_standard_hf_dir(converted):
     names = {p.name for p in converted.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
