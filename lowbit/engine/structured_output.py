@@ -36,9 +36,11 @@ class StructuredOutput:
         if sum(given) != 1:
             raise LowbitError("structured output: give exactly one of json_schema, json_object, regex, choice")
         if self.json_schema is not None and not isinstance(self.json_schema, dict):
-            raise LowbitError(f"structured output: json_schema must be a JSON object, not {type(self.json_schema).__name__}")
+            raise LowbitError("structured output: json_schema must be a JSON object, not "
+                              f"{type(self.json_schema).__name__}")
         if self.choice is not None:
-            if isinstance(self.choice, str) or not all(isinstance(c, str) and c for c in self.choice) or not self.choice:
+            strings = not isinstance(self.choice, str) and all(isinstance(c, str) and c for c in self.choice)
+            if not strings or not self.choice:
                 raise LowbitError("structured output: choice must be a non-empty list of non-empty strings")
             object.__setattr__(self, "choice", tuple(self.choice))
 

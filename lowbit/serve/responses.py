@@ -90,8 +90,8 @@ def chat_response(rid: str, created: int, model: str, outs: list, prompt_tokens:
     choices = []
     for i, o in enumerate(outs):
         message, finish = chat_message(o, tool_mode)
-        choices.append({"index": i, "message": message, "logprobs": chat_logprobs(o, tok, o.token_ids) if logprobs else None,
-                        "finish_reason": finish})
+        choices.append({"index": i, "message": message, "finish_reason": finish,
+                        "logprobs": chat_logprobs(o, tok, o.token_ids) if logprobs else None})
     return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
             "usage": usage(prompt_tokens * len(outs), sum(len(o.token_ids) for o in outs))}
 
