@@ -66,6 +66,17 @@ def test_answers_become_tool_calls():
     # a call of an unknown tool, or one that does not parse, is left as text
     bad = '<tool_call>{"name": "launch", "arguments": {}}</tool_call>'
     assert auto.parse(bad, "stop") == (bad, None)
+    assert auto.parse("<tool_call>{not json</tool_call>", "stop") == ("<tool_call>{not json</tool_call>", None)
+    # Llama 3.1's JSON call (parameters, optionally after <|python_tag|>) and Mistral's [TOOL_CALLS] list
+    for text in ('{"name": "get_weather", "parameters": {"city": "Oslo"}}',
+                 '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Oslo"}}',
+                 '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Oslo"}}]'):
+        content, calls = auto.parse(text, "stop")
+        assert content is None and len(calls) == 1, text
+        assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo"}
+    # JSON that is not a call of a given tool stays content
+    assert auto.parse('{"city": "Oslo"}', "stop") == ('{"city": "Oslo"}', None)
+    assert auto.parse('[1, 2]', "stop") == ('[1, 2]', None)
 
 
 def test_tool_turns_reach_the_template_as_hf_reads_them():

@@ -7,9 +7,11 @@ use sees them as it was trained to. What comes back depends on `tool_choice`:
   and returned as one call of it (vLLM does the same);
 * "required": held to a JSON array of {"name", "arguments"} objects, one per call, each naming a
   given tool with arguments of its schema (at most one with parallel_tool_calls false);
-* "auto" (the default with tools): free text; calls written the way Hermes-style templates (Qwen2.5,
-  Hermes, ...) teach, `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, become tool calls
-  and the rest stays content;
+* "auto" (the default with tools): free text; calls written the way the common templates teach
+  become tool calls and the rest stays content: Hermes-style `<tool_call>{"name": ..., "arguments":
+  {...}}</tool_call>` blocks (Qwen2.5, Hermes, ...), a whole answer that is Llama 3.1's JSON call
+  `{"name": ..., "parameters": {...}}` (after an optional `<|python_tag|>`; a list of them too), or
+  Mistral's `[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]`;
 * "none": free text, no calls.
 """
 from __future__ import annotations
@@ -92,20 +94,38 @@ class ToolMode:
                 return text, None
             return None, [_call(c["name"], json.dumps(c["arguments"], ensure_ascii=False)) for c in items]
         names = {d["function"]["name"] for d in self.tools}
-        calls = []
-        for block in _HERMES_CALL.findall(text):
-            try:
-                c = json.loads(block)
-            except ValueError:
-                return text, None
-            if not isinstance(c, dict) or c.get("name") not in names:
-                return text, None
-            args = c.get("arguments", {})
-            calls.append(_call(c["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)))
-        if not calls:
-            return text, None
-        content = _HERMES_CALL.sub("", text).strip()
-        return content or None, calls
+        blocks = _HERMES_CALL.findall(text)
+        if blocks:
+            calls = _calls_of([_json(b) for b in blocks], names)
+            content = _HERMES_CALL.sub("", text).strip()
+            return (content or None, calls) if calls else (text, None)
+        whole = text.strip()
+        for prefix in ("[TOOL_CALLS]", "<|python_tag|>"):
+            whole = whole.removeprefix(prefix).strip()
+        parsed = _json(whole) if whole[:1] in "{[" else None
+        calls = _calls_of(parsed if isinstance(parsed, list) else [parsed], names) if parsed is not None else None
+        return (None, calls) if calls else (text, None)
+
+
+def _json(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _calls_of(items: list, names: set[str]) -> list[dict] | None:
+    """Calls from parsed {"name", "arguments" | "parameters"} objects; None unless every one is a
+    call of a given tool (then the text is left as it was)."""
+    calls = []
+    for c in items:
+        if not isinstance(c, dict) or c.get("name") not in names:
+            return None
+        args = c.get("arguments", c.get("parameters", {}))
+        if not isinstance(args, (dict, str)):
+            return None
+        calls.append(_call(c["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)))
+    return calls or None
 
 
 def _call(name: str, arguments: str) -> dict:
