@@ -87,10 +87,9 @@ class ToolMode:
             return text, None
         if self.kind == "named":
             return None, [_call(self.name, text)]
-        if self.kind == "required":
-            try:
-                items = json.loads(text)
-            except ValueError:
+        if self.kind == "required":  # the grammar made it a list of {name, arguments}
+            items = _json(text)
+            if items is None:
                 return text, None
             return None, [_call(c["name"], json.dumps(c["arguments"], ensure_ascii=False)) for c in items]
         names = {d["function"]["name"] for d in self.tools}
@@ -102,7 +101,7 @@ class ToolMode:
         whole = text.strip()
         for prefix in ("[TOOL_CALLS]", "<|python_tag|>"):
             whole = whole.removeprefix(prefix).strip()
-        parsed = _json(whole) if whole[:1] in "{[" else None
+        parsed = _json(whole) if whole.startswith(("{", "[")) else None
         calls = _calls_of(parsed if isinstance(parsed, list) else [parsed], names) if parsed is not None else None
         return (None, calls) if calls else (text, None)
 
