@@ -12,13 +12,14 @@ from typing import Iterator
 from lowbit.errors import LowbitError
 
 
-def check_output_dir(out: str | Path, overwrite: bool = False) -> None:
+def check_output_dir(out: str | Path, overwrite: bool = False, what: str = "path") -> None:
     """LowbitError if `out` is taken (a file, or a non-empty directory) and not to be overwritten:
-    callers check before their work, atomic_output_dir checks again before writing."""
+    callers check before their work, atomic_output_dir checks again before writing. `what` names
+    the option the user should change (e.g. --work-dir)."""
     out = Path(out)
     if out.exists() and not overwrite:
         if not out.is_dir() or any(out.iterdir()):
-            raise LowbitError(f"{out}: already exists; choose a new path or pass --overwrite")
+            raise LowbitError(f"{out}: already exists; choose a new {what} or pass --overwrite")
 
 
 @contextlib.contextmanager

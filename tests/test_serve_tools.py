@@ -20,9 +20,9 @@ def request(**kw) -> ChatCompletionRequest:
 
 
 def test_tool_choice_modes_and_their_grammars():
-    assert request().tool_mode().kind == "none" and request().structured_output() is None
+    assert request().tool_mode.kind == "none" and request().structured_output() is None
     auto = request(tools=[WEATHER, TIME])
-    assert auto.tool_mode().kind == "auto" and auto.structured_output() is None
+    assert auto.tool_mode.kind == "auto" and auto.structured_output() is None
     named = request(tools=[WEATHER, TIME], tool_choice={"type": "function", "function": {"name": "get_weather"}})
     assert named.structured_output().json_schema == WEATHER["function"]["parameters"]
     required = request(tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=False)
@@ -46,19 +46,19 @@ def test_tool_requests_that_do_not_fit_are_400(kw, match):
 
 
 def test_answers_become_tool_calls():
-    named = request(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}}).tool_mode()
+    named = request(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}}).tool_mode
     content, calls = named.parse('{"city":"Paris"}', "stop")
     assert content is None and calls[0]["function"] == {"name": "get_weather", "arguments": '{"city":"Paris"}'}
     assert calls[0]["id"].startswith("call_") and calls[0]["type"] == "function"
     assert named.parse('{"city":"Pa', "length") == ('{"city":"Pa', None)  # cut short: stays content
 
-    required = request(tools=[WEATHER, TIME], tool_choice="required").tool_mode()
+    required = request(tools=[WEATHER, TIME], tool_choice="required").tool_mode
     _, calls = required.parse('[{"name":"get_time","arguments":{}},{"name":"get_weather","arguments":{"city":"Oslo"}}]',
                               "stop")
     assert [c["function"]["name"] for c in calls] == ["get_time", "get_weather"]
     assert json.loads(calls[1]["function"]["arguments"]) == {"city": "Oslo"}
 
-    auto = request(tools=[WEATHER]).tool_mode()
+    auto = request(tools=[WEATHER]).tool_mode
     text = 'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
     content, calls = auto.parse(text, "stop")
     assert content == "Let me look." and json.loads(calls[0]["function"]["arguments"]) == {"city": "Rome"}

@@ -89,6 +89,7 @@ def store(path: Path | None, key, config) -> None:
         log.warning("tuner cache %s not written (%s)", path, e)
 
 
+@functools.lru_cache(maxsize=None)
 def versions() -> str:
     """torch and Triton versions (Triton's without importing it)."""
     import importlib.metadata

@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from lowbit.atomic_dir import check_output_dir
 from lowbit.errors import LowbitError
 from lowbit.quant.calibration import DEFAULT_DATASET, DEFAULT_SAMPLES, DEFAULT_SEQLEN, calibration_set
 from lowbit.quant.driver import LINEAR_NAMES, quantize_model_layers
@@ -84,9 +85,7 @@ def make_method(method: str, w_bits: int, group_size: int, symmetric: bool, act_
 
 def check_work_dir(work_dir: str | Path, overwrite: bool) -> None:
     """Refuse a --work-dir that holds something, before any work, unless --overwrite."""
-    out = Path(work_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise LowbitError(f"{out}: already exists; choose a new --work-dir or pass --overwrite")
+    check_output_dir(work_dir, overwrite, what="--work-dir")
 
 
 def model_to_quantize(model: str | Path | torch.nn.Module, tokenizer, dtype: str):

@@ -125,7 +125,7 @@ def build_app(server: OpenAIServer, ui: bool = False) -> FastAPI:
         if req.top_logprobs is not None and not req.logprobs:
             raise ErrorResponse(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         server.check_load(req.n)
-        tool_mode = req.tool_mode()
+        tool_mode = req.tool_mode
         try:
             prompt_ids = tok.encode_chat([m.for_template() for m in req.messages], tools=tool_mode.template_tools())
         except LowbitError as e:

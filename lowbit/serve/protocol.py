@@ -5,6 +5,7 @@ misspelt option is an error the client sees, not a silent default.
 """
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any, Literal, Optional, Union
 
@@ -211,7 +212,9 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     parallel_tool_calls: Optional[bool] = None
 
+    @functools.cached_property
     def tool_mode(self) -> "ToolMode":
+        """Made once a request: the handler and structured_output() both read it."""
         from lowbit.serve.tools import ToolMode
 
         try:
@@ -220,7 +223,7 @@ class ChatCompletionRequest(_Sampling):
             raise ErrorResponse(400, str(e), param="tool_choice") from None
 
     def structured_output(self) -> StructuredOutput | None:
-        forced = self.tool_mode().grammar()  # a forced tool call is a JSON schema of its own
+        forced = self.tool_mode.grammar()  # a forced tool call is a JSON schema of its own
         asked = super().structured_output()
         if forced is not None and asked is not None:
             raise ErrorResponse(400, "a forced tool call (tool_choice required or a named function) cannot take "
