@@ -169,6 +169,18 @@ __device__ __forceinline__ void stage_x(half* xs, int stride, const half* x, int
 template <int kMT>
 constexpr int smem_budget() { return kMT <= 2 ? 96 * 1024 : 192 * 1024; }
 
+// The 4 accumulators a lane holds of row g + 8 * rr (of one 16-row tile), columns 8t + 4 * hi + u
+// for the n-tiles u = 0..3 (the C fragment's element 2 * rr + hi of each)
+__device__ __forceinline__ float4 lane_cols(const float (&acc)[4][4], int rr, int hi) {
+  const int e = 2 * rr + hi;
+  return make_float4(acc[0][e], acc[1][e], acc[2][e], acc[3][e]);
+}
+
+__device__ __forceinline__ void set_lane_cols(float (&acc)[4][4], int rr, int hi, const float4& v) {
+  const int e = 2 * rr + hi;
+  acc[0][e] = v.x; acc[1][e] = v.y; acc[2][e] = v.z; acc[3][e] = v.w;
+}
+
 template <int kWarps, int kMT, int kDepth>
 __global__ void __launch_bounds__(kWarps * 32)
 w4a16_mma_kernel(const half* __restrict__ x, const uint32_t* __restrict__ qweight, const half* __restrict__ scales,
@@ -236,9 +248,10 @@ w4a16_mma_kernel(const half* __restrict__ x, const uint32_t* __restrict__ qweigh
   asm volatile("griddepcontrol.launch_dependents;");
 
   // C fragment of n-tile u: rows g and g + 8 (of each 16), its columns 2t, 2t + 1, i.e. output columns
-  // n_warp + 8t + u and n_warp + 8t + 4 + u: a lane holds 8 adjacent columns of two rows
+  // n_warp + 8t + u and n_warp + 8t + 4 + u: a lane holds 8 adjacent columns of two rows, in two
+  // groups of 4 (lane_cols)
   const int c0 = n_warp + 8 * t;
-  const bool live_lo = c0 < n, live_hi = c0 + 4 < n;  // N % 4 == 0
+  const bool live[2] = {c0 < n, c0 + 4 < n};  // N % 4 == 0
   if (split > 1) {
     float* mine = partials + static_cast<size_t>(s) * m * n;
 #pragma unroll
@@ -247,9 +260,10 @@ w4a16_mma_kernel(const half* __restrict__ x, const uint32_t* __restrict__ qweigh
       for (int rr = 0; rr < 2; ++rr) {
         const int row = mt * 16 + g + 8 * rr;
         if (row >= m) continue;
-        float* p = mine + static_cast<size_t>(row) * n + c0;
-        if (live_lo) *reinterpret_cast<float4*>(p) = make_float4(acc[mt][0][2 * rr], acc[mt][1][2 * rr], acc[mt][2][2 * rr], acc[mt][3][2 * rr]);
-        if (live_hi) *reinterpret_cast<float4*>(p + 4) = make_float4(acc[mt][0][2 * rr + 1], acc[mt][1][2 * rr + 1], acc[mt][2][2 * rr + 1], acc[mt][3][2 * rr + 1]);
+#pragma unroll
+        for (int hi = 0; hi < 2; ++hi)
+          if (live[hi])
+            *reinterpret_cast<float4*>(mine + static_cast<size_t>(row) * n + c0 + 4 * hi) = lane_cols(acc[mt], rr, hi);
       }
     __threadfence();  // this program's partials are visible before its arrival is counted
     __syncthreads();
@@ -264,21 +278,17 @@ w4a16_mma_kernel(const half* __restrict__ x, const uint32_t* __restrict__ qweigh
       for (int rr = 0; rr < 2; ++rr) {
         const int row = mt * 16 + g + 8 * rr;
         if (row >= m) continue;
-        float4 lo = make_float4(0.f, 0.f, 0.f, 0.f), hi = lo;
-        for (int q = 0; q < split; ++q) {
-          const float* p = partials + (static_cast<size_t>(q) * m + row) * n + c0;
-          if (live_lo) {
-            const float4 v = __ldcg(reinterpret_cast<const float4*>(p));
-            lo.x += v.x; lo.y += v.y; lo.z += v.z; lo.w += v.w;
+#pragma unroll
+        for (int hi = 0; hi < 2; ++hi) {
+          if (!live[hi]) continue;
+          float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+          for (int q = 0; q < split; ++q) {
+            const float4 v = __ldcg(reinterpret_cast<const float4*>(
+                partials + (static_cast<size_t>(q) * m + row) * n + c0 + 4 * hi));
+            sum.x += v.x; sum.y += v.y; sum.z += v.z; sum.w += v.w;
           }
-          if (live_hi) {
-            const float4 v = __ldcg(reinterpret_cast<const float4*>(p + 4));
-            hi.x += v.x; hi.y += v.y; hi.z += v.z; hi.w += v.w;
-          }
+          set_lane_cols(acc[mt], rr, hi, sum);
         }
-        acc[mt][0][2 * rr] = lo.x; acc[mt][1][2 * rr] = lo.y; acc[mt][2][2 * rr] = lo.z; acc[mt][3][2 * rr] = lo.w;
-        acc[mt][0][2 * rr + 1] = hi.x; acc[mt][1][2 * rr + 1] = hi.y; acc[mt][2][2 * rr + 1] = hi.z;
-        acc[mt][3][2 * rr + 1] = hi.w;
       }
     if (threadIdx.x == 0) locks[tile] = 0;  // re-armed for the next call
   }
@@ -288,16 +298,12 @@ w4a16_mma_kernel(const half* __restrict__ x, const uint32_t* __restrict__ qweigh
     for (int rr = 0; rr < 2; ++rr) {
       const int row = mt * 16 + g + 8 * rr;
       if (row >= m) continue;
-      half* p = out + static_cast<size_t>(row) * n + c0;
-      if (live_lo) {
-        const half2 a = __floats2half2_rn(acc[mt][0][2 * rr], acc[mt][1][2 * rr]);
-        const half2 b = __floats2half2_rn(acc[mt][2][2 * rr], acc[mt][3][2 * rr]);
-        *reinterpret_cast<uint2*>(p) = make_uint2(as_u32(a), as_u32(b));
-      }
-      if (live_hi) {
-        const half2 a = __floats2half2_rn(acc[mt][0][2 * rr + 1], acc[mt][1][2 * rr + 1]);
-        const half2 b = __floats2half2_rn(acc[mt][2][2 * rr + 1], acc[mt][3][2 * rr + 1]);
-        *reinterpret_cast<uint2*>(p + 4) = make_uint2(as_u32(a), as_u32(b));
+#pragma unroll
+      for (int hi = 0; hi < 2; ++hi) {
+        if (!live[hi]) continue;
+        const float4 v = lane_cols(acc[mt], rr, hi);
+        const half2 a = __floats2half2_rn(v.x, v.y), b = __floats2half2_rn(v.z, v.w);
+        *reinterpret_cast<uint2*>(out + static_cast<size_t>(row) * n + c0 + 4 * hi) = make_uint2(as_u32(a), as_u32(b));
       }
     }
 }
