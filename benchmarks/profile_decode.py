@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -80,20 +81,44 @@ def decode_profile(arch: str, w_bits: int, steps: int, kv_bits: int = 16, enforc
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         llm.generate(prompts, params)
         torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    # The chrome trace carries each kernel's grid and block, which tell apart the calls of one
+    # kernel on different shapes (e.g. the gemv's qkv, o, gate_up and down).
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(f"{tmp}/trace.json")
+        trace = json.loads(Path(f"{tmp}/trace.json").read_text())["traceEvents"]
+    kernels = [(e["ts"], e["ts"] + e["dur"], _kernel_key(e)) for e in trace
+               if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
     by_name: dict[str, list[float]] = defaultdict(list)
-    for e in kernels:
-        by_name[e.name].append(e.device_time if hasattr(e, "device_time") else e.cuda_time)
+    for start, end, key in kernels:
+        by_name[key].append(end - start)
     total_us = sum(sum(v) for v in by_name.values())
-    span = (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)) if kernels else 0
-    rows = sorted(({"kernel": k[:120], "calls_per_step": len(v) / steps, "us_per_step": sum(v) / steps,
-                    "us_per_call": sum(v) / len(v)} for k, v in by_name.items()),
-                  key=lambda r: -r["us_per_step"])
+    span = (max(e[1] for e in kernels) - min(e[0] for e in kernels)) if kernels else 0
+    # With PDL a kernel starts while the one before runs, so its own duration includes waiting. What
+    # it costs the step is how far it moves the chain's end: its end minus the previous kernel's end.
+    # Time when no kernel runs at all (launch gaps, host waits) is counted apart as idle.
+    advance: dict[str, float] = defaultdict(float)
+    idle = 0.0
+    ordered = sorted(kernels, key=lambda e: e[1])
+    for prev, e in zip(ordered, ordered[1:]):
+        advance[e[2]] += e[1] - max(prev[1], e[0])
+        idle += max(0.0, e[0] - prev[1])
+    rows = sorted(({"kernel": k, "calls_per_step": len(v) / steps, "us_per_step": sum(v) / steps,
+                    "us_per_call": sum(v) / len(v), "advance_us_per_step": advance[k] / steps}
+                   for k, v in by_name.items()),
+                  key=lambda r: -r["advance_us_per_step"])
     return {"arch": arch, "w_bits": w_bits, "kv_bits": kv_bits, "steps": steps, "batch": batch,
             "output_tokens_per_s_timed": batch * 1e6 / step_us, "cuda_graphs": llm.engine.runner.graph_status,
             "step_us_timed": step_us, "tokens_per_s_timed": 1e6 / step_us, "graph_replay_us": graph_us,
             "kernels_per_step": len(kernels) / steps, "kernel_us_per_step": total_us / steps,
-            "profiled_span_us_per_step": span / steps, "env": environment(torch.device("cuda")), "rows": rows}
+            "profiled_span_us_per_step": span / steps, "idle_us_per_step": idle / steps, "env": environment(torch.device("cuda")), "rows": rows}
+
+
+def _kernel_key(event: dict) -> str:
+    """A trace event's kernel name (shortened) with its grid and block."""
+    name = event["name"].replace("void ", "").replace("(anonymous namespace)::", "")
+    name = name.split("(")[0] if "<" in name else name[:60]
+    args = event.get("args", {})
+    return f"{name} grid {args['grid']} block {args['block']}" if "grid" in args else name
 
 
 def main() -> None:
@@ -125,10 +150,11 @@ def main() -> None:
         print(f"\n== {args.arch} w{w} kv{args.kv_bits} batch {args.batch}: {rec['output_tokens_per_s_timed']:.1f} "
               f"output tok/s, step "
               f"{rec['step_us_timed']:.0f} us, {rec['kernels_per_step']:.0f} kernels/step, kernel time "
-              f"{rec['kernel_us_per_step']:.0f} us/step, graph replay {rec['graph_replay_us']:.0f} us/step, span {rec['profiled_span_us_per_step']:.0f} us/step "
+              f"{rec['kernel_us_per_step']:.0f} us/step, idle {rec['idle_us_per_step']:.0f} us/step, graph replay {rec['graph_replay_us']:.0f} us/step, span {rec['profiled_span_us_per_step']:.0f} us/step "
               f"({rec['cuda_graphs']})")
-        for r in rec["rows"][:25]:
-            print(f"{r['us_per_step']:9.1f} us {r['calls_per_step']:6.1f}x {r['us_per_call']:8.2f} us  {r['kernel']}")
+        for r in rec["rows"][:30]:
+            print(f"{r['advance_us_per_step']:9.1f} us on the chain {r['us_per_step']:9.1f} us in kernel "
+                  f"{r['calls_per_step']:6.1f}x {r['us_per_call']:8.2f} us  {r['kernel']}")
         del rec
         torch.cuda.empty_cache()
 

@@ -161,8 +161,8 @@ def _cuda_kernels_on() -> bool:
 
 
 @pytest.mark.skipif(not _cuda_kernels_on(), reason="the CUDA C++ gemv builds and runs on a Hopper-class GPU")
-@pytest.mark.parametrize("warps,bn,depth", [(4, 128, 2), (8, 128, 2), (8, 32, 4), (16, 64, 2), (16, 32, 2),
-                                            (16, 32, 4)])
+@pytest.mark.parametrize("warps,bn,depth", [(4, 128, 2), (4, 64, 2), (8, 128, 2), (8, 32, 4), (16, 64, 2),
+                                            (16, 32, 2), (16, 32, 4)])
 @pytest.mark.parametrize("n,k,group,split", [(256, 512, 128, 1), (148, 320, 64, 3), (512, 1024, -1, 7),
                                              (4096, 4096, 128, 4), (1024, 11008, 128, 2), (64, 200, -1, 1)])
 def test_w4a16_cuda_gemv(n, k, group, split, warps, bn, depth):
@@ -180,6 +180,27 @@ def test_w4a16_cuda_gemv(n, k, group, split, warps, bn, depth):
         assert torch.isfinite(out).all()
         assert rel_err(out, ref) < 4e-3
         assert int(w.locks.abs().sum()) == 0
+
+
+@pytest.mark.skipif(not _cuda_kernels_on(), reason="the CUDA C++ gemv builds and runs on a Hopper-class GPU")
+def test_w4a16_cuda_gemv_one_wave_candidates():
+    """Under programmatic dependent launch the batch-1 tuner keeps only grids the GPU holds at once
+    (csrc's occupancy query): on the 7B shapes some are kept, each within one wave, and the rest
+    dropped, among them qkv's 384 programs of 16 warps (two programs an SM: two waves)."""
+    from lowbit.kernels._common import sm_count
+    from lowbit.kernels.w4a16 import _gemvc_candidates, _gemvc_grid, _gemvc_resident
+
+    sms = sm_count(torch.device("cuda"))
+    for n, nb in ((12288, 32), (22016, 32), (4096, 32), (4096, 86)):
+        every = _gemvc_candidates(n, nb, sms, one_wave=False)
+        kept = _gemvc_candidates(n, nb, sms, one_wave=True)
+        assert kept and set(kept) <= set(every)
+        assert all(_gemvc_grid(c, n, nb) <= sms * _gemvc_resident(c, nb) for c in kept)
+        assert all(_gemvc_grid(c, n, nb) > sms * _gemvc_resident(c, nb) for c in set(every) - set(kept))
+    qkv_16_warps = Config("gemvc", 1, 32, 2, 1, 16, 1)
+    assert 1 <= _gemvc_resident(qkv_16_warps, 32) <= 4
+    if sms * _gemvc_resident(qkv_16_warps, 32) < 384:
+        assert qkv_16_warps not in _gemvc_candidates(12288, 32, sms, one_wave=True)
 
 
 @pytest.mark.skipif(not _cuda_kernels_on(), reason="the CUDA C++ tensor-core kernel builds and runs on a Hopper-class GPU")

@@ -34,6 +34,7 @@ _DECLS = (
     "void w4a16_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros, "
     "torch::Tensor out, torch::Tensor partials, torch::Tensor locks, int64_t kx, int64_t group_planes, "
     "int64_t split, int64_t warps, int64_t depth, bool pdl);",
+    "int64_t w4a16_gemv_resident(int64_t warps, int64_t cols, int64_t depth, int64_t blocks_per_split);",
 )
 
 
@@ -46,7 +47,7 @@ def w4a16_module():
     source = "\n".join((_CSRC / name).read_text() for name in _SOURCES)
     try:
         return load_inline(name="lowbit_w4a16_cuda", cpp_sources=["\n".join(_DECLS)], cuda_sources=[source],
-                           functions=["w4a16_gemv", "w4a16_mma"],
+                           functions=["w4a16_gemv", "w4a16_mma", "w4a16_gemv_resident"],
                            extra_cuda_cflags=["-O3", "-gencode=arch=compute_90,code=sm_90"],
                            verbose=os.environ.get("LOWBIT_CUDA_VERBOSE") == "1")
     except Exception as exc:

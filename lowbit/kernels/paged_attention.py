@@ -2,8 +2,9 @@
 
 One program per (sequence, KV head, context split) holds the whole GQA group of query heads as the
 rows of its tiles (padded to 16 for tl.dot), so each K/V byte is read once per group. Long
-contexts with few sequences are split over the context (flash-decoding): each split writes its
-normalised output and log-sum-exp, and a second kernel merges them. int8/int4 caches are
+contexts with few sequences are split over the context (flash-decoding): each split takes an equal
+share of the sequence's actual context, writes its normalised output and log-sum-exp, and a second
+kernel merges them. int8/int4 caches are
 never dequantized element by element: the dots run on the raw codes (see _decode_kernel).
 """
 from __future__ import annotations
@@ -43,7 +44,7 @@ def _codes_as(c, MAGIC16: tl.constexpr, DT: tl.constexpr):
 def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, ctx_ptr, out_ptr, lse_ptr,
                    stride_qs, stride_qh, stride_cb, stride_ct, stride_ch, stride_zb, stride_zt, stride_zh,
                    stride_bts, stride_os, stride_oh, stride_osp, stride_ls, stride_lh,
-                   qk_scale, window, tokens_per_split, QH,
+                   qk_scale, window, QH,
                    D: tl.constexpr, KV_BITS: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PARTIAL: tl.constexpr,
                    MAGIC16: tl.constexpr, UPCAST: tl.constexpr, USE_PDL: tl.constexpr):
@@ -61,9 +62,13 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, ctx_ptr, out
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
     ctx = tl.load(ctx_ptr + s)
-    start = sp * tokens_per_split
+    # The splits share the keys this query sees (t > ctx - 1 - window), whatever the grid was sized
+    # for: a CUDA graph's grid is sized for the longest context, and splits of that size would leave
+    # a short context to one program walking its tiles one memory latency after another.
+    lo = tl.maximum(ctx - window, 0)
+    tokens_per_split = tl.cdiv(tl.cdiv(ctx - lo, tl.num_programs(2)), BLOCK_N) * BLOCK_N
+    start = lo + sp * tokens_per_split
     end = tl.minimum(start + tokens_per_split, ctx)
-    start = tl.maximum(start, ctx - window)  # the query at ctx - 1 sees keys t > ctx - 1 - window
     offs_h = tl.arange(0, BLOCK_H)
     offs_c = tl.arange(0, DH)  # a column of a half: dim offs_c * HALVES + half
     hmask = offs_h < QH
@@ -197,8 +202,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     qh = n_heads // kvh
     max_ctx = max_context_len or block_tables.shape[1] * bs
     splits = num_splits or _num_splits(n_seq, kvh, max_ctx, q.device)
-    tps = triton.cdiv(triton.cdiv(max_ctx, splits), block_n) * block_n
-    splits = triton.cdiv(max_ctx, tps)
+    # no more splits than the longest context fills with tiles (the kernel divides the actual one)
+    splits = triton.cdiv(max_ctx, triton.cdiv(triton.cdiv(max_ctx, splits), block_n) * block_n)
     partial = splits > 1
     if partial:
         part = new_empty((n_seq, n_heads, splits, d), torch.float32, q.device)
@@ -215,7 +220,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q, k_cache, v_cache, ksz, vsz, block_tables, context_lens, o_arg, lse,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *sz_strides(k_scale_zero, kv_bits),
         block_tables.stride(0), *o_strides, *l_strides,
-        qk_scale, sliding_window or NO_WINDOW, tps, qh,
+        qk_scale, sliding_window or NO_WINDOW, qh,
         D=d, KV_BITS=kv_bits, BLOCK_SIZE=bs, BLOCK_H=max(16, next_pow2(qh)), BLOCK_N=block_n, BLOCK_D=block_d,
         PARTIAL=partial, MAGIC16=q.dtype == torch.float16, UPCAST=interpreting() and q.dtype == torch.bfloat16,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_options(q.device))

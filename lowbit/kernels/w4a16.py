@@ -37,6 +37,8 @@ dtype) in a CUDA graph and cached (lowbit.kernels._common); the counters assume 
 """
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -309,17 +311,40 @@ def _gemvc_applies(w: W4A16Weight, dtype: torch.dtype, device: torch.device) -> 
 _GEMVC_MAX_BLOCKS = 128  # blocks of K per program: their x (256 bytes each) plus the warps' sums fit 48 KB
 
 
-def _gemvc_candidates(n: int, nb: int, sms: int) -> list[Config]:
-    """Programs of BN = 32, 64 or 128 columns (1, 2 or 4 a lane) and 8 or 16 warps over K, U = 2 or
-    4 blocks in flight a warp (the built pairs: more would spill registers); K split across
-    programs only as far as needed to give every SM one."""
+def _gemvc_candidates(n: int, nb: int, sms: int, one_wave: bool) -> list[Config]:
+    """Programs of BN = 32, 64 or 128 columns (1, 2 or 4 a lane) and 4, 8 or 16 warps over K, U = 2
+    or 4 blocks in flight a warp (the built pairs: more would spill registers); K split across
+    programs only as far as needed to give every SM one.
+
+    With `one_wave` (a programmatic dependent launch, batch-1 decode) only grids the GPU holds at
+    once are kept: such a kernel's programs request their first weights while the kernel before it
+    still runs, but a second wave's programs start only as the first drains, each paying a memory
+    latency on the step's critical path. Timed alone, one and two waves are close (the tuner could
+    not tell them apart: qkv 12.4 us either way on the H100); in the decode chain the two-wave
+    grids of qkv and gate_up took 16 and 22 us for 8.9 and 16 us of bytes, where the one-wave
+    grids of o and down came within 1.2 us of theirs (benchmarks/README.md, "Stop 8").
+    `LOWBIT_GEMV_ONE_WAVE=0` keeps every grid (for that comparison)."""
     out = []
-    for bn, depths, warps in ((32, (4, 2), (8, 16)), (64, (2,), (8, 16)), (128, (2,), (8,))):
+    for bn, depths, warps in ((32, (4, 2), (8, 16)), (64, (2,), (4, 8, 16)), (128, (2,), (4, 8))):
         tiles = triton.cdiv(n, bn)
         least = triton.cdiv(nb, _GEMVC_MAX_BLOCKS)
         splits = dict.fromkeys((least, max(least, min(nb // 2, triton.cdiv(sms, tiles)))))
         out += [Config("gemvc", 1, bn, u, s, w, 1) for u in depths for w in warps for s in splits]
+    if one_wave and os.environ.get("LOWBIT_GEMV_ONE_WAVE", "1") != "0":
+        out = [c for c in out if _gemvc_grid(c, n, nb) <= sms * _gemvc_resident(c, nb)] or out
     return out
+
+
+def _gemvc_grid(cfg: Config, n: int, nb: int) -> int:
+    """Programs of a gemvc launch: column tiles times the K splits left after rounding (as launched)."""
+    bps = triton.cdiv(nb, cfg.split)
+    return triton.cdiv(n, cfg.BN) * triton.cdiv(nb, bps)
+
+
+@functools.lru_cache(maxsize=None)
+def _gemvc_resident(cfg: Config, nb: int) -> int:
+    """gemvc programs of `cfg` one multiprocessor holds at once (registers, threads, staged x)."""
+    return cuda_ext.w4a16_module().w4a16_gemv_resident(cfg.warps, cfg.BN // 32, cfg.U, triton.cdiv(nb, cfg.split))
 
 
 def _mmc_candidates(m: int, n: int, nb: int, sms: int) -> list[Config]:
@@ -368,7 +393,7 @@ def _candidates(m: int, n: int, w: W4A16Weight, device: torch.device, dtype: tor
             out += _mmc_candidates(m, n, nb, sms)
         return list(dict.fromkeys(out))
     if m == 1 and _gemvc_applies(w, dtype, device):
-        out += _gemvc_candidates(n, nb, sms)
+        out += _gemvc_candidates(n, nb, sms, one_wave=use_pdl(device))
     if m == 1 and w.group_planes:
         # a thread holds BN / 128 16-byte loads of a row (x work is per row) and 16 / warps rows
         tiles = [(512, 4), (1024, 4), (1024, 8), (512, 2), (256, 4), (128, 4), (256, 8), (64, 2)]

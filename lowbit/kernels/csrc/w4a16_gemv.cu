@@ -162,14 +162,27 @@ w4a16_gemv_kernel(const half* __restrict__ x, const uint32_t* __restrict__ qweig
   const half* xs = x + static_cast<size_t>(b_start) * 128;
   const int x_here = min(cols, kx - b_start * 128);  // columns past kx are padding: zero
   if ((kx & 7) == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0) {
-    for (int c = threadIdx.x * 8; c < cols; c += kWarps * 32 * 8) {  // 8 columns: one row each, one slot
-      uint4 v = make_uint4(0, 0, 0, 0);
-      if (c < x_here) v = __ldg(reinterpret_cast<const uint4*>(xs + c));
-      const half* vh = reinterpret_cast<const half*>(&v);
-      const int j = (c >> 4) & 7, i0 = c & 15;
-      const int slot = ((j & 3) << 1) | (j >> 2);  // pairs (c0, c4), (c1, c5), (c2, c6), (c3, c7)
+    // kBatch loads of 8 columns a thread in flight before their stores: x is read after the wait,
+    // on the critical path, and one load, one store at a time paid an L2 round trip per 8 columns
+    // (4 in a row for a 4-warp program of K = 4096, 11 for K = 11008)
+    constexpr int kStride = kWarps * 32 * 8, kBatch = 4;
+    for (int c0 = threadIdx.x * 8; c0 < cols; c0 += kBatch * kStride) {
+      uint4 v[kBatch];
 #pragma unroll
-      for (int t = 0; t < 8; ++t) xh[(((c >> 7) * kRows + i0 + t) << 3) + slot] = __hmul(vh[t], inv16);
+      for (int u = 0; u < kBatch; ++u) {
+        const int c = c0 + u * kStride;
+        v[u] = c < x_here ? __ldg(reinterpret_cast<const uint4*>(xs + c)) : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {  // 8 columns: one row each, one slot
+        const int c = c0 + u * kStride;
+        if (c >= cols) break;
+        const half* vh = reinterpret_cast<const half*>(&v[u]);
+        const int j = (c >> 4) & 7, i0 = c & 15;
+        const int slot = ((j & 3) << 1) | (j >> 2);  // pairs (c0, c4), (c1, c5), (c2, c6), (c3, c7)
+#pragma unroll
+        for (int t = 0; t < 8; ++t) xh[(((c >> 7) * kRows + i0 + t) << 3) + slot] = __hmul(vh[t], inv16);
+      }
     }
   } else {
     for (int c = threadIdx.x; c < cols; c += kWarps * 32) {
@@ -271,22 +284,37 @@ void launch(const torch::Tensor& x, const torch::Tensor& qweight, const torch::T
   TORCH_CHECK(err == cudaSuccess, "w4a16_gemv: launch failed: ", cudaGetErrorString(err));
 }
 
-template <int kWarps>
-void launch_shape(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
-                  const torch::Tensor& zeros, torch::Tensor& out, torch::Tensor& partials, torch::Tensor& locks,
-                  int kx, int group_planes, int split, int cols, int depth, bool pdl) {
-  // the built (columns a lane, blocks in flight) pairs: more would spill registers
+// The built (warps, columns a lane, blocks in flight) triples, each handed to `f` as a Shape: more
+// columns or blocks would spill registers, 16 warps of 4 columns exceed them.
+template <int W, int C, int D>
+struct Shape {
+  static constexpr int kWarps = W, kCols = C, kDepth = D;
+};
+
+template <int kWarps, class F>
+void with_columns(int cols, int depth, F&& f) {
   if (cols == 1 && depth == 4) {
-    launch<kWarps, 1, 4>(x, qweight, scales, zeros, out, partials, locks, kx, group_planes, split, pdl);
+    f(Shape<kWarps, 1, 4>{});
   } else if (cols == 1 && depth == 2) {
-    launch<kWarps, 1, 2>(x, qweight, scales, zeros, out, partials, locks, kx, group_planes, split, pdl);
+    f(Shape<kWarps, 1, 2>{});
   } else if (cols == 2 && depth == 2) {
-    launch<kWarps, 2, 2>(x, qweight, scales, zeros, out, partials, locks, kx, group_planes, split, pdl);
+    f(Shape<kWarps, 2, 2>{});
   } else if constexpr (kWarps <= 8) {
     TORCH_CHECK(cols == 4 && depth == 2, "w4a16_gemv: ", cols, " columns a lane with ", depth, " blocks in flight are not built");
-    launch<kWarps, 4, 2>(x, qweight, scales, zeros, out, partials, locks, kx, group_planes, split, pdl);
+    f(Shape<kWarps, 4, 2>{});
   } else {
     TORCH_CHECK(false, "w4a16_gemv: ", kWarps, " warps of ", cols, " columns a lane, ", depth, " blocks in flight are not built");
+  }
+}
+
+template <class F>
+void with_shape(int64_t warps, int64_t cols, int64_t depth, F&& f) {
+  const int c = static_cast<int>(cols), d = static_cast<int>(depth);
+  switch (warps) {
+    case 4: with_columns<4>(c, d, f); break;
+    case 8: with_columns<8>(c, d, f); break;
+    case 16: with_columns<16>(c, d, f); break;
+    default: TORCH_CHECK(false, "w4a16_gemv: warps must be 4, 8 or 16, got ", warps);
   }
 }
 
@@ -312,11 +340,22 @@ void w4a16_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, to
   TORCH_CHECK(x.numel() >= kx && kx <= qweight.size(0) * 8, "w4a16_gemv: x is shorter than kx");
   TORCH_CHECK(split >= 1, "w4a16_gemv: split must be >= 1");
   const int k = static_cast<int>(kx), gp = static_cast<int>(group_planes), sp = static_cast<int>(split);
-  const int c = static_cast<int>(cols), d = static_cast<int>(depth);
-  switch (warps) {
-    case 4: launch_shape<4>(x, qweight, scales, zeros, out, partials, locks, k, gp, sp, c, d, pdl); break;
-    case 8: launch_shape<8>(x, qweight, scales, zeros, out, partials, locks, k, gp, sp, c, d, pdl); break;
-    case 16: launch_shape<16>(x, qweight, scales, zeros, out, partials, locks, k, gp, sp, c, d, pdl); break;
-    default: TORCH_CHECK(false, "w4a16_gemv: warps must be 4, 8 or 16, got ", warps);
-  }
+  with_shape(warps, cols, depth, [&](auto shape) {
+    using S = decltype(shape);
+    launch<S::kWarps, S::kCols, S::kDepth>(x, qweight, scales, zeros, out, partials, locks, k, gp, sp, pdl);
+  });
+}
+
+// Programs of this shape one multiprocessor holds at once, for a K of `blocks_per_split` blocks
+// a program (its staged x is dynamic shared memory): the tuner's measure of one wave.
+int64_t w4a16_gemv_resident(int64_t warps, int64_t cols, int64_t depth, int64_t blocks_per_split) {
+  int resident = 0;
+  with_shape(warps, cols, depth, [&](auto shape) {
+    using S = decltype(shape);
+    const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &resident, w4a16_gemv_kernel<S::kWarps, S::kCols, S::kDepth>, S::kWarps * 32,
+        static_cast<size_t>(blocks_per_split) * kRows * sizeof(uint4));
+    TORCH_CHECK(err == cudaSuccess, "w4a16_gemv_resident: ", cudaGetErrorString(err));
+  });
+  return resident;
 }
