@@ -58,3 +58,23 @@ def test_kv_cache_decode_equals_full_forward(smol):
         steps = [model(ids[:, i:i + 1], cache=cache) for i in range(5, ids.shape[1])]
     stepped = torch.cat([first] + steps, dim=1)
     assert (stepped - full).abs().max().item() < 1e-4
+
+
+def test_our_gguf_reader_reads_what_ggufs_own_reader_reads(gguf_path):
+    """loading/gguf_file.py reads metadata through a plain view of gguf's memory map (for speed):
+    every field's parts and every tensor's bytes are those of gguf's own GGUFReader."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    from lowbit.loading.gguf_file import _reader
+
+    theirs, ours = GGUFReader(str(gguf_path), "r"), _reader(gguf_path)
+    assert ours.fields.keys() == theirs.fields.keys()
+    for key, field in theirs.fields.items():
+        mine = ours.fields[key]
+        assert mine.types == field.types and mine.data == field.data, key
+        assert len(mine.parts) == len(field.parts), key
+        assert all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(mine.parts, field.parts)), key
+    assert [(t.name, t.tensor_type, t.data_offset) for t in ours.tensors] == \
+        [(t.name, t.tensor_type, t.data_offset) for t in theirs.tensors]
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(ours.tensors, theirs.tensors))
