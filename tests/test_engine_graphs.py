@@ -199,3 +199,24 @@ def test_a_failed_capture_falls_back_to_eager(smol, caplog):
     assert llm.engine.runner.graphs is None and "capture failed" in llm.engine.runner.graph_status
     assert "decoding eagerly" in caplog.text
     assert llm.generate([1, 2, 3], SamplingParams(max_tokens=2))[0].finish_reason == "length"
+
+
+def test_runs_of_steps_through_the_graph_path_equal_one_step_at_a_time(tiny64, prompt_ids):
+    """DecodeGraphs.run_steps makes each next step's inputs from the static buffers (the token just
+    chosen, position + 1, the slot from the block table: with 4-token blocks a run crosses blocks),
+    three sequences in the padded graph of four; the engine takes runs of up to 8 with graphs."""
+    expected = _greedy(_llm(tiny64), prompt_ids)
+    llm = _llm(tiny64, STAND_INS, graphs=True, block_size=4, max_batch_size=4)
+    assert llm.engine.num_scheduler_steps == 8
+    ReplayByRecompute.replays.clear()
+    steps = 0
+    params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
+    finals = {}
+    for ids in prompt_ids:
+        llm.engine.add_request(ids, params, sink=lambda o: o.finished and finals.__setitem__(o.request_id, o))
+    while llm.engine.has_unfinished():
+        llm.engine.step()
+        steps += 1
+    assert [finals[k].token_ids for k in sorted(finals, key=int)] == expected
+    # one prefill step, then one run of MAX_TOKENS - 1 decode steps replayed back to back
+    assert steps == 2 and ReplayByRecompute.replays.get(4) == MAX_TOKENS - 1

@@ -54,7 +54,8 @@ def engine_info(llm) -> dict:
     return {"kv_bits": c.kv_bits, "block_size": c.block_size, "num_kv_blocks": runner.num_blocks,
             "kv_tokens": runner.num_blocks * c.block_size, "kv_cache_bytes": runner.cache.num_bytes,
             "max_model_len": c.max_model_len, "max_batch_size": c.max_batch_size,
-            "cuda_graphs": runner.graph_status, "kernels": kernels_in_use(runner.model, runner.cache),
+            "cuda_graphs": runner.graph_status, "num_scheduler_steps": llm.engine.num_scheduler_steps,
+            "kernels": kernels_in_use(runner.model, runner.cache),
             # which config the tuner chose per (kernel, shape bucket): e.g. gemvc = the CUDA gemv
             "tuned_kernels": [{"key": e["key"], "best": e["best"], "best_ms": e["best_ms"]} for e in TUNE_LOG]}
 

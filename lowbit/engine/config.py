@@ -23,6 +23,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_kv_blocks: int | None = None  # fixes the cache size instead of deriving it from memory
     enforce_eager: bool = False  # no CUDA graphs for decode (they are never used on the CPU)
+    # decode steps run per host round trip (vLLM's name): the next step's inputs are made on the GPU
+    # from the tokens just sampled, so the GPU does not wait for Python between them. None: 8 where
+    # decode runs from CUDA graphs, else 1 (llm_engine.py, `steps_ahead`, says when it applies)
+    num_scheduler_steps: int | None = None
 
     def resolved(self, model: ModelConfig) -> "EngineConfig":
         max_len = self.max_model_len or model.max_position_embeddings
@@ -40,6 +44,8 @@ class EngineConfig:
             (0 < self.gpu_memory_utilization <= 1,
              f"gpu_memory_utilization={self.gpu_memory_utilization}: must be in (0, 1]"),
             (self.num_kv_blocks is None or self.num_kv_blocks >= 1, f"num_kv_blocks={self.num_kv_blocks}: must be >= 1"),
+            (self.num_scheduler_steps is None or self.num_scheduler_steps >= 1,
+             f"num_scheduler_steps={self.num_scheduler_steps}: must be >= 1"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -100,6 +100,35 @@ class DecodeGraphs:
 
     def run(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """A decode-only step of n <= max_size sequences -> (logits [n, vocab], greedy tokens [n])."""
+        n, b = self._load(step)
+        logits, greedy = self.graphs[b]()
+        return logits[:n], greedy[:n]
+
+    def run_steps(self, step: StepInputs, steps: int) -> torch.Tensor:
+        """`steps` greedy decode steps from one step's inputs -> their tokens [steps, n] on the device.
+
+        Between two replays each real row's next inputs are made on the GPU: the token just chosen,
+        its position one further, the slot of that position in the row's block table (blocks for
+        every step are allocated beforehand), one more token of context. The host only enqueues, so
+        the replays follow one another without waiting for it. Padding rows keep their scratch slot."""
+        n, b = self._load(step)
+        replay = self.graphs[b]
+        bs = self.cache.block_size
+        tokens = torch.empty(steps, n, dtype=torch.int64, device=self.input_ids.device)
+        ids, pos, slots, ctx = self.input_ids[:n], self.positions[:n], self.slot_mapping[:n], self.context_lens[:n]
+        for i in range(steps):
+            _, greedy = replay()
+            tokens[i].copy_(greedy[:n])
+            if i + 1 < steps:
+                ids.copy_(greedy[:n])
+                pos.add_(1)
+                ctx.add_(1)
+                block = self.block_tables[:n].gather(1, torch.div(pos, bs, rounding_mode="floor")[:, None])[:, 0]
+                slots.copy_(block.long() * bs + pos % bs)
+        return tokens
+
+    def _load(self, step: StepInputs) -> tuple[int, int]:
+        """Copies a step's inputs into the static buffers -> (its rows n, the graph's batch size b)."""
         n = len(step.input_ids)
         b = next(s for s in self.sizes if s >= n)
         pad = b - n
@@ -110,5 +139,4 @@ class DecodeGraphs:
         self.context_lens[:b].copy_(torch.tensor(step.context_lens + [1] * pad, dtype=torch.int32), non_blocking=True)
         self.block_tables[:n].copy_(step.block_tables, non_blocking=True)
         self.block_tables[n:b].fill_(self.scratch_block)
-        logits, greedy = self.graphs[b]()
-        return logits[:n], greedy[:n]
+        return n, b

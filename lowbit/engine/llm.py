@@ -19,10 +19,12 @@ class LLM:
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.9, block_size: int = 16,
                  max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
                  num_kv_blocks: int | None = None, dtype: str = "auto", device: str | None = None,
-                 enforce_eager: bool = False, tensor_parallel_size: int = 1):
+                 enforce_eager: bool = False, tensor_parallel_size: int = 1, num_scheduler_steps: int | None = None):
         """model: `default`, a .gguf file or an HF / quantized directory; or the (model, tokenizer,
         checkpoint) triple that `load_model` returns, to share weights already loaded.
         enforce_eager: decode without CUDA graphs (on a GPU they are captured at start-up).
+        num_scheduler_steps: greedy decode steps run per host round trip (default 8 with CUDA graphs,
+        1 otherwise); their tokens reach the outputs together.
         tensor_parallel_size: ranks to split the model over (one process and GPU each; gloo
         processes on the CPU), Megatron-style (engine/tp_workers.py); a given triple is sharded in
         place, and must come from a checkpoint path or be dummy weights (the other ranks load the
@@ -30,7 +32,8 @@ class LLM:
         self._async = None
         self._tp = None
         config = EngineConfig(kv_bits, max_batch_size, max_model_len, gpu_memory_utilization, block_size,
-                              max_num_batched_tokens, enable_prefix_caching, num_kv_blocks, enforce_eager)
+                              max_num_batched_tokens, enable_prefix_caching, num_kv_blocks, enforce_eager,
+                              num_scheduler_steps)
         if tensor_parallel_size != 1:
             net, tokenizer, ckpt = self._start_ranks(model, dtype, device, config, tensor_parallel_size)
         elif isinstance(model, tuple):

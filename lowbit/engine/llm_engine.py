@@ -14,10 +14,11 @@ from lowbit.engine.config import EngineConfig
 from lowbit.engine.model_runner import ModelRunner
 from lowbit.engine.outputs import RequestOutput, RequestState
 from lowbit.engine.sampling_params import SamplingParams
-from lowbit.engine.scheduler import Scheduler
+from lowbit.engine.scheduler import ScheduledBatch, Scheduler
 from lowbit.engine.sequence import Sequence
 from lowbit.engine.structured_output import GrammarCompiler
 from lowbit.errors import LowbitError
+from lowbit.parallel import comm
 
 log = logging.getLogger(__name__)
 
@@ -100,14 +101,20 @@ class LLMEngine:
 
     # -- the loop ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Runs one scheduled batch: one model step, or several greedy decode steps in a row
+        (`steps_ahead`), whose tokens are then taken in one step at a time, as if run so."""
         with self.lock:
             if not self.scheduler.has_work():
                 return []
             batch = self.scheduler.schedule()
             if not batch.seqs:  # the cache holds a max_model_len sequence, so something always fits
                 raise RuntimeError(f"scheduler made no progress: {self.scheduler.waiting}, {self.scheduler.running}")
+            steps = self.steps_ahead(batch)
             try:
-                sampled, logprobs = self.runner.run(batch)
+                if steps > 1:
+                    per_step = [(sampled, [None] * len(batch)) for sampled in self.runner.run_steps(batch, steps)]
+                else:
+                    per_step = [self.runner.run(batch)]
             except Exception as e:  # the engine keeps serving; this step's requests fail
                 log.exception("model step failed")
                 states = [self.requests[s.request_id] for s in batch.seqs]
@@ -115,26 +122,62 @@ class LLMEngine:
                     state.error = LowbitError(f"request {state.seq.request_id}: the model step failed: {e}")
                     self.scheduler.finish(state.seq, "error")
                 return self._emit(states)
-            grown = self.scheduler.update(batch, sampled)
-            lp_of = {s.seq_id: lp for s, lp in zip(batch.seqs, logprobs)}
-            states = []
-            for seq in grown:
-                state = self.requests[seq.request_id]
-                states.append(state)
-                try:
-                    # a sampled stop token id ends the sequence without being appended
-                    if state.logprobs is not None and seq.num_output_tokens > state.num_tokens_seen:
-                        state.logprobs.append(lp_of[seq.seq_id])
-                    if seq.grammar is not None and seq.grammar.error:
-                        raise LowbitError(seq.grammar.error)
-                    # a complete grammar admits no more tokens: done, even with ignore_eos
-                    if state.on_new_tokens() or (seq.grammar is not None and seq.grammar.done):
-                        self.scheduler.finish(seq, "stop")
-                except Exception as e:  # only this request fails
-                    log.exception("request %s failed", seq.request_id)
-                    state.error = LowbitError(f"request {seq.request_id}: {e}")
-                    self.scheduler.finish(seq, "error")
-            return self._emit(states)
+            outputs = []
+            for sampled, logprobs in per_step:
+                outputs += self._take(batch, sampled, logprobs)
+            return outputs
+
+    def steps_ahead(self, batch: ScheduledBatch) -> int:
+        """How many decode steps to run for `batch` before the host looks at their tokens: up to
+        num_scheduler_steps when every sequence decodes greedily with nothing per token to do on the
+        host (no grammar, logprobs, penalties or bias), nobody waits to be admitted, no sequence
+        would pass max_tokens or max_model_len on the way, and the cache has blocks for all of it
+        (taken here). A sequence that stops on the way (a stop token or string) drops the tokens
+        after it, as if those steps had not run; its cache past them is freed with it."""
+        ahead = self.num_scheduler_steps
+        if ahead <= 1 or self.scheduler.waiting or comm.world() != 1:
+            return 1
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            p = seq.params
+            if (n != 1 or seq.num_uncomputed_tokens != 1 or seq.grammar is not None or not p.greedy
+                    or p.has_penalties or p.logit_bias or p.logprobs is not None):
+                return 1
+            ahead = min(ahead, p.max_tokens - seq.num_output_tokens, self.config.max_model_len - seq.num_tokens)
+        bm = self.block_manager
+        if ahead <= 1 or sum(bm.blocks_needed(seq, ahead) for seq in batch.seqs) > bm.num_free_blocks:
+            return 1
+        for seq in batch.seqs:
+            bm.allocate(seq, ahead)
+        return ahead
+
+    @property
+    def num_scheduler_steps(self) -> int:
+        if self.config.num_scheduler_steps is not None:
+            return self.config.num_scheduler_steps
+        return 8 if self.runner.graphs is not None else 1
+
+    def _take(self, batch: ScheduledBatch, sampled: list[int | None], logprobs: list) -> list[RequestOutput]:
+        """Records one step's tokens: the sequences grow, stop or fail, and their outputs go out."""
+        grown = self.scheduler.update(batch, sampled)
+        lp_of = {s.seq_id: lp for s, lp in zip(batch.seqs, logprobs)}
+        states = []
+        for seq in grown:
+            state = self.requests[seq.request_id]
+            states.append(state)
+            try:
+                # a sampled stop token id ends the sequence without being appended
+                if state.logprobs is not None and seq.num_output_tokens > state.num_tokens_seen:
+                    state.logprobs.append(lp_of[seq.seq_id])
+                if seq.grammar is not None and seq.grammar.error:
+                    raise LowbitError(seq.grammar.error)
+                # a complete grammar admits no more tokens: done, even with ignore_eos
+                if state.on_new_tokens() or (seq.grammar is not None and seq.grammar.done):
+                    self.scheduler.finish(seq, "stop")
+            except Exception as e:  # only this request fails
+                log.exception("request %s failed", seq.request_id)
+                state.error = LowbitError(f"request {seq.request_id}: {e}")
+                self.scheduler.finish(seq, "error")
+        return self._emit(states)
 
     def _emit(self, states: list[RequestState]) -> list[RequestOutput]:
         outputs = []

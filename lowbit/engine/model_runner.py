@@ -189,6 +189,32 @@ class ModelRunner:
                                  rows), None
 
     @torch.inference_mode()
+    def run_steps(self, batch: ScheduledBatch, steps: int) -> list[list[int]]:
+        """`steps` greedy decode steps of a decode-only batch whose blocks already hold them ->
+        per step, the token of each sequence (in the batch's order). From CUDA graphs the steps'
+        inputs are made on the GPU and the host waits once; without them each step's inputs are
+        made here from the last tokens (the same steps, as one step at a time would run them)."""
+        seqs = batch.seqs
+        step = self.prepare(seqs, batch.num_new_tokens)
+        if self.graphs is not None and len(seqs) <= self.graphs.max_size:
+            return self.graphs.run_steps(step, steps).tolist()
+        out = []
+        for i in range(steps):
+            logits, _ = self.execute(step, use_graph=False)
+            out.append(logits.argmax(-1).tolist())
+            if i + 1 < steps:
+                step = self._next_decode_step(step, seqs, out[-1])
+        return out
+
+    def _next_decode_step(self, step: StepInputs, seqs: list[Sequence], tokens: list[int]) -> StepInputs:
+        """The decode step after `step`, whose sampled `tokens` become the inputs."""
+        bs = self.block_size
+        positions = [p + 1 for p in step.positions]
+        slots = [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(seqs, positions)]
+        return StepInputs(list(tokens), positions, slots, step.block_tables, [c + 1 for c in step.context_lens],
+                          step.query_lens, step.sample_rows)
+
+    @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[int | None], list]:
         """-> per sequence of the batch (in its order): the sampled token or None (prompt not yet
         fully read), and its logprobs entry or None."""

@@ -1,0 +1,101 @@
+"""Several greedy decode steps per host round trip (EngineConfig.num_scheduler_steps): the same
+tokens, texts and finish reasons as one step at a time, with sequences ending inside a run of
+steps (max_tokens, the stop token, a stop string), a sampled request beside greedy ones, a request
+waiting for a place, and the prefix cache reused afterwards. On the CPU the steps' inputs are
+made on the host; the CUDA-graph path (inputs made on the GPU) is checked on the device."""
+import pytest
+import torch
+
+from lowbit.engine.llm import LLM
+from lowbit.engine.sampling_params import SamplingParams
+
+# two long answers and one that ends on the stop token after 12 tokens
+CHATS = ["Write a long story about a dragon.", "Explain how a car engine works, in detail.",
+         "Name three primary colors."]
+
+
+@pytest.fixture(scope="module")
+def prompts(smol):
+    tok = smol[1]
+    return [tok.encode_chat([{"role": "user", "content": c}]) for c in CHATS]
+
+
+def _llm(smol, steps, **kw):
+    return LLM(smol, max_model_len=256, num_kv_blocks=96, num_scheduler_steps=steps, **kw)
+
+
+def _run(llm, prompts, params):
+    """Steps the engine by hand -> (outputs in prompt order, engine steps taken)."""
+    finals = {}
+    ids = []
+    for p, sp in zip(prompts, params):
+        rid = llm.engine.new_request_id()
+        ids.append(rid)
+        llm.engine.add_request(p, sp, rid, sink=lambda out: out.finished and finals.__setitem__(out.request_id, out))
+    steps = 0
+    while llm.engine.has_unfinished():
+        llm.engine.step()
+        steps += 1
+    return [finals[i] for i in ids], steps
+
+
+def _same(a, b):
+    assert [(o.token_ids, o.text, o.finish_reason) for o in a] == [(o.token_ids, o.text, o.finish_reason) for o in b]
+
+
+def test_runs_of_steps_give_one_steps_tokens(smol, prompts):
+    # runs of 5: the third answer's stop token (its 13th token) comes in the middle of one; the
+    # runs before max_tokens 19 and 16 are cut short to end there
+    params = [SamplingParams(max_tokens=19), SamplingParams(max_tokens=16), SamplingParams(max_tokens=50)]
+    one, one_steps = _run(_llm(smol, 1), prompts, params)
+    five, five_steps = _run(_llm(smol, 5), prompts, params)
+    _same(one, five)
+    assert [o.finish_reason for o in one] == ["length", "length", "stop"]
+    assert len(one[2].token_ids) % 5 != 0  # the stop token is not the last of its run
+    # the prefill step samples the first token; then runs of 5, cut to what the shortest has left
+    assert one_steps == 19 and five_steps == 5  # 1 + 18 against 1 + (2-6, 7-11, 12-16, 17-19)
+
+
+def test_a_stop_string_inside_a_run_and_a_sampled_request(smol, prompts):
+    greedy_one = _run(_llm(smol, 1), prompts[:1], [SamplingParams(max_tokens=16)])[0][0]
+    # a stop string that the greedy answer reaches after a few tokens
+    stop = greedy_one.text[9:14]
+    assert stop and stop not in greedy_one.text[:9]
+    params = [SamplingParams(max_tokens=16, stop=[stop]),
+              SamplingParams(max_tokens=8, temperature=0.8, seed=3),  # sampled: one step at a time
+              SamplingParams(max_tokens=10)]
+    one, _ = _run(_llm(smol, 1), prompts, params)
+    eight, _ = _run(_llm(smol, 8), prompts, params)
+    _same(one, eight)
+    assert one[0].finish_reason == "stop" and one[0].text == greedy_one.text[:9]
+
+
+def test_a_waiting_request_and_the_prefix_cache_afterwards(smol, prompts):
+    params = [SamplingParams(max_tokens=10)] * 3
+    one, _ = _run(_llm(smol, 1, max_batch_size=2), prompts, params)  # the third waits for a place
+    llm = _llm(smol, 4, max_batch_size=2)
+    four, _ = _run(llm, prompts, params)
+    _same(one, four)
+    hits = llm.engine.block_manager.prefix_hit_tokens
+    again, _ = _run(llm, prompts[:1], params[:1])  # blocks hashed after runs of steps are found again
+    _same(one[:1], again)
+    assert llm.engine.block_manager.prefix_hit_tokens - hits >= 16
+
+
+def test_bad_num_scheduler_steps_is_refused(smol):
+    from lowbit.errors import LowbitError
+
+    with pytest.raises(LowbitError, match="num_scheduler_steps=0: must be >= 1"):
+        _llm(smol, 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_runs_of_steps_from_cuda_graphs_give_one_steps_tokens(prompts):
+    """On the GPU: the default model in fp16 from CUDA graphs, 8 steps a run (the default there)
+    against 1, at batch sizes 1 and 3 (a padded graph of 4)."""
+    one = LLM("default", max_model_len=256, num_scheduler_steps=1, max_batch_size=4)
+    eight = LLM("default", max_model_len=256, max_batch_size=4)
+    assert eight.engine.num_scheduler_steps == 8 and eight.engine.runner.graphs is not None
+    for batch in (prompts[:1], prompts):
+        params = [SamplingParams(max_tokens=n) for n in (45, 29, 40)][:len(batch)]
+        _same(_run(one, batch, params)[0], _run(eight, batch, params)[0])
