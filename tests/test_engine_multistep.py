@@ -90,12 +90,16 @@ def test_bad_num_scheduler_steps_is_refused(smol):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_runs_of_steps_from_cuda_graphs_give_one_steps_tokens(prompts):
-    """On the GPU: the default model in fp16 from CUDA graphs, 8 steps a run (the default there)
-    against 1, at batch sizes 1 and 3 (a padded graph of 4)."""
-    one = LLM("default", max_model_len=256, num_scheduler_steps=1, max_batch_size=4)
-    eight = LLM("default", max_model_len=256, max_batch_size=4)
+def test_runs_of_steps_from_cuda_graphs_give_one_steps_tokens():
+    """On the GPU: a W4A16 model of Llama-2-7B's shapes (dummy weights) from CUDA graphs, 8 steps a
+    run (the default there) against 1, at batch sizes 1 and 3 (a padded graph of 4)."""
+    from lowbit.loading.dummy import build_dummy_model
+
+    triple = build_dummy_model("llama2-7b", 4, 128)
+    kw = dict(max_model_len=256, num_kv_blocks=64, max_batch_size=4)
+    one, eight = LLM(triple, num_scheduler_steps=1, **kw), LLM(triple, **kw)
     assert eight.engine.num_scheduler_steps == 8 and eight.engine.runner.graphs is not None
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9]]
     for batch in (prompts[:1], prompts):
-        params = [SamplingParams(max_tokens=n) for n in (45, 29, 40)][:len(batch)]
+        params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (45, 29, 40)][:len(batch)]
         _same(_run(one, batch, params)[0], _run(eight, batch, params)[0])
