@@ -82,6 +82,18 @@ def test_a_waiting_request_and_the_prefix_cache_afterwards(smol, prompts):
     assert llm.engine.block_manager.prefix_hit_tokens - hits >= 16
 
 
+def test_a_requests_first_token_comes_after_one_step(smol):
+    """A one-token prompt is a decode step from the start; its first token still goes out alone."""
+    llm = _llm(smol, 8)
+    seen = []
+    llm.engine.add_request([1], SamplingParams(max_tokens=10, ignore_eos=True), sink=lambda o: seen.append(len(o.token_ids)))
+    llm.engine.step()
+    assert seen == [1]
+    llm.engine.step()
+    assert seen[-1] == 9  # then a run of 8, the tokens taken one step at a time
+    assert seen == list(range(1, 10))
+
+
 def test_bad_num_scheduler_steps_is_refused(smol):
     from lowbit.errors import LowbitError
 

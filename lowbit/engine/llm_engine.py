@@ -130,17 +130,18 @@ class LLMEngine:
     def steps_ahead(self, batch: ScheduledBatch) -> int:
         """How many decode steps to run for `batch` before the host looks at their tokens: up to
         num_scheduler_steps when every sequence decodes greedily with nothing per token to do on the
-        host (no grammar, logprobs, penalties or bias), nobody waits to be admitted, no sequence
-        would pass max_tokens or max_model_len on the way, and the cache has blocks for all of it
-        (taken here). A sequence that stops on the way (a stop token or string) drops the tokens
-        after it, as if those steps had not run; its cache past them is freed with it."""
+        host (no grammar, logprobs, penalties or bias), past its first token (which goes out after
+        one step, so the time to first token stays one step), nobody waits to be admitted, no
+        sequence would pass max_tokens or max_model_len on the way, and the cache has blocks for all
+        of it (taken here). A sequence that stops on the way (a stop token or string) drops the
+        tokens after it, as if those steps had not run; its cache past them is freed with it."""
         ahead = self.num_scheduler_steps
         if ahead <= 1 or self.scheduler.waiting or comm.world() != 1:
             return 1
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             p = seq.params
-            if (n != 1 or seq.num_uncomputed_tokens != 1 or seq.grammar is not None or not p.greedy
-                    or p.has_penalties or p.logit_bias or p.logprobs is not None):
+            if (n != 1 or seq.num_uncomputed_tokens != 1 or seq.num_output_tokens == 0 or seq.grammar is not None
+                    or not p.greedy or p.has_penalties or p.logit_bias or p.logprobs is not None):
                 return 1
             ahead = min(ahead, p.max_tokens - seq.num_output_tokens, self.config.max_model_len - seq.num_tokens)
         bm = self.block_manager
