@@ -78,3 +78,23 @@ def test_our_gguf_reader_reads_what_ggufs_own_reader_reads(gguf_path):
     assert [(t.name, t.tensor_type, t.data_offset) for t in ours.tensors] == \
         [(t.name, t.tensor_type, t.data_offset) for t in theirs.tensors]
     assert all(np.array_equal(a.data, b.data) for a, b in zip(ours.tensors, theirs.tensors))
+
+
+def test_cpu_rmsnorm_is_the_explicit_fp32_formula_bit_for_bit():
+    """layers/norm.py runs fp32 RMSNorm on the CPU as PyTorch's fused op: the same bits as the
+    explicit formula (HF's), with and without the residual add, at the default model's widths."""
+    from lowbit.layers.norm import RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    for dim in (576, 1536, 4096):
+        norm = RMSNorm(dim, 1e-5)
+        norm.weight.copy_(torch.randn(dim, generator=g))
+        for rows in (1, 9):
+            x = torch.randn(1, rows, dim, generator=g) * 7
+            r = torch.randn(1, rows, dim, generator=g)
+            explicit = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+            assert torch.equal(norm(x), explicit)
+            y, h = norm(x, r)
+            s = x + r
+            assert torch.equal(h, s)
+            assert torch.equal(y, norm.weight * (s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-5)))

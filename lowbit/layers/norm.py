@@ -6,6 +6,7 @@ per call; elsewhere the same arithmetic in PyTorch (the kernel's reference)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -22,6 +23,11 @@ class RMSNorm(nn.Module):
             return rmsnorm(x, self.weight, self.eps, residual)
         if residual is not None:
             x = (x.float() + residual.float()).to(x.dtype)
-        xf = x.float()
-        y = self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # PyTorch's fused op: the same fp32 arithmetic (bit-equal, tests/test_model_default.py)
+            # in one call instead of six, ~18 us less on each of a CPU decode step's 61 norms
+            y = F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        else:
+            xf = x.float()
+            y = self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
         return y if residual is None else (y, x)

@@ -201,10 +201,16 @@ class PagedKVCache:
         else:
             lead = blocks.shape
 
+        def take(t):  # t[blocks]: [..., nb, block_size, kv_heads, width]
+            if isinstance(blocks, slice):
+                return t[blocks]
+            # index_select: the same gather at less than half of advanced indexing's cost on the CPU
+            return t.index_select(0, blocks.reshape(-1)).view(*blocks.shape, *t.shape[1:])
+
         def pages(codes, sz):
-            x = codes[blocks]  # [..., nb, block_size, kv_heads, width]
+            x = take(codes)
             if self.kv_bits != 16:
-                x = dequantize_kv_ref(x, sz[blocks], self.kv_bits, dtype)
+                x = dequantize_kv_ref(x, take(sz), self.kv_bits, dtype)
             return x.reshape(*lead[:-1], lead[-1] * self.block_size, self.kv_heads, self.head_dim).to(dtype)
 
         ksz = self.k_scale_zero[layer] if self.kv_bits != 16 else None
