@@ -141,7 +141,7 @@ class LLMEngine:
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             p = seq.params
             if (n != 1 or seq.num_uncomputed_tokens != 1 or seq.num_output_tokens == 0 or seq.grammar is not None
-                    or not p.greedy or p.has_penalties or p.logit_bias or p.logprobs is not None):
+                    or not p.argmax_only):
                 return 1
             ahead = min(ahead, p.max_tokens - seq.num_output_tokens, self.config.max_model_len - seq.num_tokens)
         bm = self.block_manager

@@ -241,8 +241,7 @@ class ModelRunner:
             # the masks are made on the CPU once the step is launched: on a GPU, while it runs
             logits = apply_bitmask(logits, allowed_tokens_bitmask(grammars, logits.shape[-1]))
             greedy = None
-        if all(s.params.greedy and not s.params.has_penalties and not s.params.logit_bias and s.params.logprobs is None
-               for s in sampling):
+        if all(s.params.argmax_only for s in sampling):
             # the sampler's greedy rows, without building its batch: the common decode step
             new, lps = (greedy if greedy is not None else logits.argmax(-1)), None
         else:

@@ -65,3 +65,9 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    @property
+    def argmax_only(self) -> bool:
+        """The token is the logits' argmax and nothing else is asked of them (no penalties, bias or
+        logprobs): the model runner's shortcut past the sampler, and runs of decode steps."""
+        return self.greedy and not self.has_penalties and not self.logit_bias and self.logprobs is None
