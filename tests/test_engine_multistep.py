@@ -115,3 +115,12 @@ def test_runs_of_steps_from_cuda_graphs_give_one_steps_tokens():
     for batch in (prompts[:1], prompts):
         params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (45, 29, 40)][:len(batch)]
         _same(_run(one, batch, params)[0], _run(eight, batch, params)[0])
+    # a stop token inside a run: the host takes the run's steps while the GPU still runs the later
+    # ones (whose tokens it drops), and frees the stopped sequence's blocks meanwhile
+    tokens = _run(one, prompts[:1], [SamplingParams(max_tokens=45, ignore_eos=True)])[0][0].token_ids
+    at = next(i for i in range(11, 45) if tokens[i] not in tokens[:i] and i % 8 not in (0, 7))
+    params = [SamplingParams(max_tokens=45, stop_token_ids=[tokens[at]], ignore_eos=True),
+              SamplingParams(max_tokens=40, ignore_eos=True)]
+    first = _run(one, prompts[::2], params)[0]
+    assert first[0].finish_reason == "stop" and len(first[0].token_ids) == at
+    _same(first, _run(eight, prompts[::2], params)[0])

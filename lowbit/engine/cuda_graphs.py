@@ -11,7 +11,7 @@ kernel (through context_lens), never in the shapes, so one graph serves every le
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -104,28 +104,44 @@ class DecodeGraphs:
         logits, greedy = self.graphs[b]()
         return logits[:n], greedy[:n]
 
-    def run_steps(self, step: StepInputs, steps: int) -> torch.Tensor:
-        """`steps` greedy decode steps from one step's inputs -> their tokens [steps, n] on the device.
+    def run_steps(self, step: StepInputs, steps: int) -> Iterator[list[int]]:
+        """`steps` greedy decode steps from one step's inputs -> an iterator over their tokens (per
+        step, one per real row).
 
         Between two replays each real row's next inputs are made on the GPU: the token just chosen,
         its position one further, the slot of that position in the row's block table (blocks for
-        every step are allocated beforehand), one more token of context. The host only enqueues, so
-        the replays follow one another without waiting for it. Padding rows keep their scratch slot."""
+        every step are allocated beforehand), one more token of context. Every replay is enqueued
+        before the first step's tokens are yielded, and each step's tokens are yielded as soon as
+        that step is done: the host takes them (stop checks, detokenizing, streaming) while the GPU
+        runs the steps after, and only the last step's taking leaves the GPU waiting. Padding rows
+        keep their scratch slot."""
         n, b = self._load(step)
         replay = self.graphs[b]
         bs = self.cache.block_size
-        tokens = torch.empty(steps, n, dtype=torch.int64, device=self.input_ids.device)
         ids, pos, slots, ctx = self.input_ids[:n], self.positions[:n], self.slot_mapping[:n], self.context_lens[:n]
+        on_gpu = self.input_ids.is_cuda
+        host = torch.empty(steps, n, dtype=torch.int64, pin_memory=on_gpu)
+        done = []  # per step: its tokens' copy to `host`, finished when this event is
         for i in range(steps):
             _, greedy = replay()
-            tokens[i].copy_(greedy[:n])
+            host[i].copy_(greedy[:n], non_blocking=on_gpu)
+            if on_gpu:
+                done.append(torch.cuda.Event())
+                done[-1].record()
             if i + 1 < steps:
                 ids.copy_(greedy[:n])
                 pos.add_(1)
                 ctx.add_(1)
                 block = self.block_tables[:n].gather(1, torch.div(pos, bs, rounding_mode="floor")[:, None])[:, 0]
                 slots.copy_(block.long() * bs + pos % bs)
-        return tokens
+        return self._tokens_when_ready(host, done)
+
+    @staticmethod
+    def _tokens_when_ready(host: torch.Tensor, done: list) -> Iterator[list[int]]:
+        for i in range(host.shape[0]):
+            if done:
+                done[i].synchronize()
+            yield host[i].tolist()
 
     def _load(self, step: StepInputs) -> tuple[int, int]:
         """Copies a step's inputs into the static buffers -> (its rows n, the graph's batch size b)."""

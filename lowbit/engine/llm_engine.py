@@ -110,21 +110,25 @@ class LLMEngine:
             if not batch.seqs:  # the cache holds a max_model_len sequence, so something always fits
                 raise RuntimeError(f"scheduler made no progress: {self.scheduler.waiting}, {self.scheduler.running}")
             steps = self.steps_ahead(batch)
+            outputs = []
             try:
                 if steps > 1:
-                    per_step = [(sampled, [None] * len(batch)) for sampled in self.runner.run_steps(batch, steps)]
+                    per_step = ((sampled, [None] * len(batch)) for sampled in self.runner.run_steps(batch, steps))
                 else:
-                    per_step = [self.runner.run(batch)]
+                    per_step = iter([self.runner.run(batch)])
+                # a run's steps are taken one at a time as the runner yields them: while the host
+                # takes one step's tokens, the GPU runs the run's next steps
+                for sampled, logprobs in per_step:
+                    outputs += self._take(batch, sampled, logprobs)
             except Exception as e:  # the engine keeps serving; this step's requests fail
                 log.exception("model step failed")
-                states = [self.requests[s.request_id] for s in batch.seqs]
+                # (_take fails only the request it was taking; those that finished earlier in the run
+                # have gone out already)
+                states = [self.requests[s.request_id] for s in batch.seqs if s.request_id in self.requests]
                 for state in states:
                     state.error = LowbitError(f"request {state.seq.request_id}: the model step failed: {e}")
                     self.scheduler.finish(state.seq, "error")
-                return self._emit(states)
-            outputs = []
-            for sampled, logprobs in per_step:
-                outputs += self._take(batch, sampled, logprobs)
+                outputs += self._emit(states)
             return outputs
 
     def steps_ahead(self, batch: ScheduledBatch) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -189,22 +189,28 @@ class ModelRunner:
                                  rows), None
 
     @torch.inference_mode()
-    def run_steps(self, batch: ScheduledBatch, steps: int) -> list[list[int]]:
-        """`steps` greedy decode steps of a decode-only batch whose blocks already hold them ->
-        per step, the token of each sequence (in the batch's order). From CUDA graphs the steps'
-        inputs are made on the GPU and the host waits once; without them each step's inputs are
-        made here from the last tokens (the same steps, as one step at a time would run them)."""
+    def run_steps(self, batch: ScheduledBatch, steps: int) -> Iterator[list[int]]:
+        """`steps` greedy decode steps of a decode-only batch whose blocks already hold them -> an
+        iterator over the steps, each the token of every sequence (in the batch's order). From CUDA
+        graphs every step is enqueued at once, its inputs made on the GPU, and each step's tokens
+        are yielded as soon as the GPU has them; without graphs the steps run here, one after the
+        other, each one's inputs made from the last tokens (the same steps, as one step at a time
+        would run them)."""
         seqs = batch.seqs
         step = self.prepare(seqs, batch.num_new_tokens)
         if self.graphs is not None and len(seqs) <= self.graphs.max_size:
-            return self.graphs.run_steps(step, steps).tolist()
+            return self.graphs.run_steps(step, steps)
+        return self._eager_steps(step, seqs, steps)
+
+    def _eager_steps(self, step: StepInputs, seqs: list[Sequence], steps: int) -> Iterator[list[int]]:
+        # all run before any is taken: taking a step may end a sequence and free its blocks
         out = []
         for i in range(steps):
             logits, _ = self.execute(step, use_graph=False)
             out.append(logits.argmax(-1).tolist())
             if i + 1 < steps:
                 step = self._next_decode_step(step, seqs, out[-1])
-        return out
+        return iter(out)
 
     def _next_decode_step(self, step: StepInputs, seqs: list[Sequence], tokens: list[int]) -> StepInputs:
         """The decode step after `step`, whose sampled `tokens` become the inputs."""

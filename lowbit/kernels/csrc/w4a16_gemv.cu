@@ -13,8 +13,9 @@
 // Arithmetic, per int32 of 8 codes c0..c7 and one column: the LOP3 trick yields half2 pairs
 // (c0, c4), (c1, c5), (c2, c6), (c3, c7) (the hi nibbles 16x, undone by an fma); minus (1024 + z)
 // they are the exact integers code - zero. Their dot with the x pairs (x / 16, so no fp16 partial
-// overflows below |x| ~ 17000) is 4 half2 products summed in fp16; lane .x holds the block's first
-// 64 columns, lane .y its last 64, so each lane meets one group and is scaled in fp32 per block.
+// overflows below |x| ~ 17000 / kHalfRows) is half2 products summed in fp16 over kHalfRows rows,
+// then once in fp32; lane .x holds the block's first 64 columns, lane .y its last 64, so each lane
+// meets one group and is scaled in fp32 per block.
 // Blocks are split over the warps of a program and over `split` programs along K; the last program
 // of a column tile to arrive (a counter per tile in `locks`, re-armed by it) sums the fp32 partials.
 #include <cstdint>
@@ -27,6 +28,12 @@
 namespace {
 
 constexpr int kRows = 16;  // rows of one block of codes (128 columns of K)
+// Rows whose products a lane sums in fp16 before one conversion to fp32: the conversion and the two
+// fp32 adds cost 4 instructions a word, a quarter of the word's 16, when paid every row (Nsight
+// Compute on the H200: the gate_up gemv issued 2.85 instructions a weight at 38% of issue slots,
+// stalled on memory, with 10 warps an SM). 4 rows: 16 products in one fp16 sum, checked against the
+// fp32 reference by the tests (activations of +-3000 among them) and by bench_gemv.py's error column.
+constexpr int kHalfRows = 4;
 
 __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t mask, uint32_t bits) {
   uint32_t r;
@@ -61,8 +68,8 @@ __device__ __forceinline__ void load_halves(half (&dst)[kCols], const half* p) {
   }
 }
 
-// sum over one int32's 8 codes of (code - zero) * x/16, lane .x: codes 0-3, lane .y: codes 4-7
-__device__ __forceinline__ half2 word_dot(uint32_t q, const uint4& xv, half2 z1024, half2 z64_neg) {
+// acc + the sum over one int32's 8 codes of (code - zero) * x/16, lane .x: codes 0-3, lane .y: codes 4-7
+__device__ __forceinline__ half2 word_dot(uint32_t q, const uint4& xv, half2 z1024, half2 z64_neg, half2 acc) {
   const uint32_t kLo = 0x000f000f, kHi = 0x00f000f0, kMagic = 0x64006400;  // 0x6400 = fp16 1024
   const half2 inv16 = __float2half2_rn(0.0625f);
   const uint32_t q8 = q >> 8;
@@ -70,7 +77,7 @@ __device__ __forceinline__ half2 word_dot(uint32_t q, const uint4& xv, half2 z10
   const half2 d1 = __hfma2(as_half2(and_or(q, kHi, kMagic)), inv16, z64_neg);
   const half2 d2 = __hsub2(as_half2(and_or(q8, kLo, kMagic)), z1024);
   const half2 d3 = __hfma2(as_half2(and_or(q8, kHi, kMagic)), inv16, z64_neg);
-  half2 p = __hmul2(d0, as_half2(xv.x));
+  half2 p = __hfma2(d0, as_half2(xv.x), acc);
   p = __hfma2(d1, as_half2(xv.y), p);
   p = __hfma2(d2, as_half2(xv.z), p);
   return __hfma2(d3, as_half2(xv.w), p);
@@ -108,11 +115,19 @@ __device__ __forceinline__ void dot_block(const Block<kCols>& blk, const uint4* 
     part[c] = make_float2(0.f, 0.f);
   }
 #pragma unroll
-  for (int i = 0; i < kRows; ++i) {
-    const uint4 xv = x_block[i];  // the same address in every lane: one broadcast
+  for (int i0 = 0; i0 < kRows; i0 += kHalfRows) {
+    half2 h[kCols];
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) h[c] = __float2half2_rn(0.f);
+#pragma unroll
+    for (int i = i0; i < i0 + kHalfRows; ++i) {
+      const uint4 xv = x_block[i];  // the same address in every lane: one broadcast
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) h[c] = word_dot(blk.w[i][c], xv, z1024[c], z64_neg[c], h[c]);
+    }
 #pragma unroll
     for (int c = 0; c < kCols; ++c) {
-      const float2 p = __half22float2(word_dot(blk.w[i][c], xv, z1024[c], z64_neg[c]));
+      const float2 p = __half22float2(h[c]);
       part[c].x += p.x;
       part[c].y += p.y;
     }

@@ -1,0 +1,53 @@
+"""A driver for Nsight Compute: the CUDA C++ W4A16 gemv on the Llama-2-7B decode shapes, with the
+configs the engine's tuner picked on the device (or the --configs given), a few calls each, nothing
+else on the GPU. Profile it on the device:
+
+    ncu --clock-control none -k regex:w4a16_gemv --launch-skip 1 --launch-skip-before-match 0 \
+        --set full -o $OUT/gemv python3 benchmarks/ncu_gemv.py
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from lowbit.kernels import cuda_ext  # noqa: E402
+from lowbit.kernels import w4a16 as wk  # noqa: E402
+
+# layer: (K, N, warps, columns a lane, blocks in flight a warp, K split): the H200's picks at batch 1
+CONFIGS = {
+    "qkv": (4096, 12288, 8, 1, 2, 1),
+    "o": (4096, 4096, 8, 1, 4, 1),
+    "gate_up": (4096, 22016, 4, 2, 2, 1),
+    "down": (11008, 4096, 16, 1, 4, 1),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", default=",".join(CONFIGS))
+    ap.add_argument("--calls", type=int, default=2)
+    args = ap.parse_args()
+    mod = cuda_ext.w4a16_module()
+    for name in args.layers.split(","):
+        k, n, warps, cols, depth, split = CONFIGS[name]
+        codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, device="cuda")
+        scales = torch.rand(n, k // 128, device="cuda") * 0.01 + 0.002
+        zeros = torch.randint(0, 16, (n, k // 128), dtype=torch.int32, device="cuda")
+        w = wk.pack_w4a16(codes, scales, zeros, 128, bits=4)
+        x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+        out = torch.empty(n, device="cuda", dtype=torch.float16)
+        ws = torch.empty(split, n, device="cuda", dtype=torch.float32)
+        for _ in range(args.calls):
+            mod.w4a16_gemv(x, w.qweight_int32_kxn, w.scales_gxn, w.zeros_gxn, out, ws, w.locks, k,
+                           w.group_planes, split, warps, cols, depth, False)
+        torch.cuda.synchronize()
+        print(f"{name}: K {k} N {n} <{warps}, {cols}, {depth}> split {split}, {w.nbytes / 1e6:.1f} MB")
+
+
+if __name__ == "__main__":
+    main()
