@@ -30,12 +30,15 @@ from lowbit.loading.dummy import build_dummy_model  # noqa: E402
 def greedy_run(arch: str, w_bits: int, tp: int, steps: int) -> list[dict]:
     llm = LLM(build_dummy_model(arch, w_bits, 128, "auto", "cuda:0", seed=1), max_batch_size=4, max_model_len=256,
               gpu_memory_utilization=0.8, tensor_parallel_size=tp)
+    prompts = [[1, 450, 49], [1, 368, 338, 263, 124], [7, 8, 9, 10]]
     try:
-        outs = llm.generate([[1, 450, 49], [1, 368, 338, 263, 124], [7, 8, 9, 10]],
-                            SamplingParams(max_tokens=steps, ignore_eos=True, logprobs=2))
+        outs = llm.generate(prompts, SamplingParams(max_tokens=steps, ignore_eos=True, logprobs=2))
+        # without logprobs the engine decodes greedy requests in runs of steps (num_scheduler_steps)
+        runs = llm.generate(prompts, SamplingParams(max_tokens=steps, ignore_eos=True))
     finally:
         llm.close()
-    return [{"tokens": o.token_ids, "top2": [[lp for _t, lp in step[1:3]] for step in o.logprobs]} for o in outs]
+    return [{"tokens": o.token_ids, "top2": [[lp for _t, lp in step[1:3]] for step in o.logprobs],
+             "tokens_in_runs": r.token_ids} for o, r in zip(outs, runs)]
 
 
 def compare(ref: list[dict], got: list[dict]) -> dict:
@@ -47,7 +50,10 @@ def compare(ref: list[dict], got: list[dict]) -> dict:
         else:
             gap = r["top2"][n][0] - r["top2"][n][1]
             first_diffs.append({"step": n, "reference_top1_minus_top2_logprob": gap})
-    return {"prompts_equal": same, "prompts": len(ref), "first_differences": first_diffs}
+    # runs of steps must give the step-at-a-time tokens of the same TP size
+    runs_same = sum(g["tokens_in_runs"] == g["tokens"] for g in got)
+    return {"prompts_equal": same, "prompts": len(ref), "first_differences": first_diffs,
+            "runs_equal_one_step_at_a_time": runs_same}
 
 
 def main() -> None:

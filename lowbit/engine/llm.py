@@ -184,5 +184,8 @@ class LLM:
         """Stops the async engine and, with tensor parallelism, the other ranks' processes."""
         self.shutdown()
         if self._tp is not None:
+            engine = getattr(self, "engine", None)  # absent when LLMEngine failed to start
+            if engine is not None:
+                engine.runner.release_graphs()  # before the NCCL group goes (ModelRunner.release_graphs)
             self._tp.close()
             self._tp = None

@@ -137,10 +137,11 @@ class LLMEngine:
         host (no grammar, logprobs, penalties or bias), past its first token (which goes out after
         one step, so the time to first token stays one step), nobody waits to be admitted, no
         sequence would pass max_tokens or max_model_len on the way, and the cache has blocks for all
-        of it (taken here). A sequence that stops on the way (a stop token or string) drops the
-        tokens after it, as if those steps had not run; its cache past them is freed with it."""
+        of it (taken here), and under tensor parallelism the run replays CUDA graphs on every rank.
+        A sequence that stops on the way (a stop token or string) drops the tokens after it, as if
+        those steps had not run; its cache past them is freed with it."""
         ahead = self.num_scheduler_steps
-        if ahead <= 1 or self.scheduler.waiting or comm.world() != 1:
+        if ahead <= 1 or self.scheduler.waiting or (comm.world() > 1 and not self.runner.replays_runs(len(batch))):
             return 1
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             p = seq.params

@@ -87,10 +87,8 @@ class ModelRunner:
             why_not = "no paged decode kernel (lowbit.kernels.paged_attention), the PyTorch path has host-side shapes"
         elif self.model.rotary.kind == "dynamic":
             why_not = "dynamic rope scaling reads the positions on the host"
-        elif comm.world() > 1 and os.environ.get("LOWBIT_TP_CUDA_GRAPHS", "0") != "1":
-            # the first 2-GPU run (benchmarks/README.md, tensor parallelism) did not finish with them:
-            # until NCCL inside the captured step is verified, TP decodes eagerly on every rank
-            why_not = "tensor parallelism (LOWBIT_TP_CUDA_GRAPHS=1 tries them)"
+        elif comm.world() > 1 and os.environ.get("LOWBIT_TP_CUDA_GRAPHS", "1") == "0":
+            why_not = "tensor parallelism with LOWBIT_TP_CUDA_GRAPHS=0"
         if why_not:
             self.graph_status = f"off: {why_not}"
             log.warning("CUDA graphs off (%s); decoding eagerly", why_not)
@@ -129,6 +127,18 @@ class ModelRunner:
 
     def release(self, seq: Sequence) -> None:
         self.generators.pop(seq.seq_id, None)
+
+    def release_graphs(self) -> None:
+        """Destroys the captured decode graphs. Under tensor parallelism this must come before the
+        process group is destroyed: NCCL counts each graph that captured one of its collectives and
+        ncclCommDestroy/Abort wait until every such graph is gone, so a live graph hangs it forever."""
+        if self.graphs is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()  # no replay in flight
+        self.graphs.graphs.clear()  # the replay closures hold the torch.cuda.CUDAGraph objects
+        self.graphs = None
+        self.graph_status = "off: released"
 
     def _generator(self, seq: Sequence) -> torch.Generator | None:
         if seq.params.seed is None:
@@ -198,9 +208,22 @@ class ModelRunner:
         would run them)."""
         seqs = batch.seqs
         step = self.prepare(seqs, batch.num_new_tokens)
-        if self.graphs is not None and len(seqs) <= self.graphs.max_size:
+        if self.replays_runs(len(seqs)):
+            if comm.world() > 1:
+                try:  # the other ranks replay the same run (tp_workers.py); every rank's greedy
+                    # tokens are the same, from the same gathered logits, so are their next inputs
+                    comm.broadcast_object((step, True, steps))
+                except Exception as e:
+                    raise (self.explain_failure(e) if self.explain_failure else e) from e
             return self.graphs.run_steps(step, steps)
+        if comm.world() > 1:
+            raise RuntimeError("runs of decode steps under tensor parallelism need CUDA graphs")
         return self._eager_steps(step, seqs, steps)
+
+    def replays_runs(self, n: int) -> bool:
+        """Whether a run of n sequences' steps replays CUDA graphs (else it runs eagerly, which
+        tensor parallelism does not do in runs)."""
+        return self.graphs is not None and n <= self.graphs.max_size
 
     def _eager_steps(self, step: StepInputs, seqs: list[Sequence], steps: int) -> Iterator[list[int]]:
         # all run before any is taken: taking a step may end a sequence and free its blocks

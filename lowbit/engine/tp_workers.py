@@ -69,6 +69,7 @@ def _worker(rank: int, world: int, port: int, source: ModelSource, device_type: 
     """Rank `rank`'s life: join the group, load and shard the model, build the runner, then run
     every step rank 0 broadcasts until it sends None."""
     dump_stacks_if_stuck()
+    runner = None
     try:
         device = rank_device(torch.device(device_type), rank)
         if device.type == "cuda":
@@ -86,11 +87,21 @@ def _worker(rank: int, world: int, port: int, source: ModelSource, device_type: 
             if msg is None:
                 break
             with torch.inference_mode():
-                runner.execute(*msg)
+                if len(msg) == 3:  # a run of greedy decode steps from CUDA graphs (ModelRunner.run_steps)
+                    step, _graph, steps = msg
+                    for _tokens in runner.graphs.run_steps(step, steps):
+                        pass
+                else:
+                    runner.execute(*msg)
     except BaseException as e:  # noqa: BLE001 - reported to rank 0, which raises it
         errors.put((rank, f"{type(e).__name__}: {e}", traceback.format_exc()))
         raise SystemExit(1)
     finally:
+        if runner is not None:
+            try:
+                runner.release_graphs()  # before destroy_process_group, which a live graph hangs
+            except Exception:  # noqa: BLE001 - a failed device still lets the group close
+                pass
         comm.close()
 
 
