@@ -107,3 +107,24 @@ def test_two_gloo_ranks_generate_one_ranks_tokens_and_a_dead_rank_fails_the_next
 def test_heads_that_do_not_split_are_refused_before_any_rank_starts():
     with pytest.raises(LowbitError, match="heads to divide by 3"):
         LLM(build_dummy_model("tiny", 16, 64, "fp32", "cpu"), tensor_parallel_size=3)
+
+
+def test_closing_releases_the_decode_graphs_before_the_process_group(monkeypatch):
+    """NCCL's communicator destroy waits until every CUDA graph that captured one of its collectives
+    is destroyed, so rank 0's decode graphs must be gone before the process group is (a graph still
+    held there hung the first 2-GPU runs with graphs at their end). On the CPU no graph is captured:
+    the runner holds a DecodeGraphs with one replay, and closing must drop it before comm.close."""
+    from lowbit.engine.cuda_graphs import DecodeGraphs
+    from lowbit.parallel import comm
+
+    two = LLM(build_dummy_model("tiny", 16, 64, "fp32", "cpu", seed=3), max_model_len=64, tensor_parallel_size=2)
+    runner = two.engine.runner
+    graphs = DecodeGraphs(lambda ids, pos: None, runner.cache, 2, runner.max_blocks_per_seq, runner.scratch_block,
+                          runner.device)
+    graphs.graphs[1] = lambda: None
+    runner.graphs = graphs
+    held_at_close = []
+    real_close = comm.close
+    monkeypatch.setattr(comm, "close", lambda: (held_at_close.append(runner.graphs), real_close()))
+    two.close()
+    assert held_at_close == [None] and graphs.graphs == {}
