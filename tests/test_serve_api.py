@@ -157,12 +157,17 @@ def test_tool_calls_named_required_streamed_and_a_tool_turn(client, model_id):
     assert len(calls) == 1 and calls[0].function.name in ("get_weather", "get_time")
     json.loads(calls[0].function.arguments)
 
-    # streamed: the call arrives whole in one delta, then finish_reason tool_calls
+    # streamed: the call's id and name first, then its arguments piece by piece, as OpenAI streams
+    # them; joined, the pieces are the whole answer's arguments; then finish_reason tool_calls
     chunks = list(client.chat.completions.create(model=model_id, messages=ask, tools=[weather], temperature=0,
                                                  max_tokens=40, stream=True, tool_choice={
                                                      "type": "function", "function": {"name": "get_weather"}}))
-    deltas = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
-    assert len(deltas) == 1 and json.loads(deltas[0][0].function.arguments) == args
+    deltas = [c.choices[0].delta.tool_calls[0] for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert len(deltas) > 2 and all(d.index == 0 for d in deltas)
+    assert deltas[0].id.startswith("call_") and deltas[0].function.name == "get_weather"
+    assert all(d.id is None and d.function.name is None for d in deltas[1:])
+    assert json.loads("".join(d.function.arguments for d in deltas)) == args
+    assert not any(c.choices[0].delta.content for c in chunks if c.choices)
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
 
     # the conversation goes on with the tool's answer

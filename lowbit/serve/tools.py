@@ -4,7 +4,7 @@ The tools go to the chat template as HF's `tools` variable, so a model whose tem
 use sees them as it was trained to. What comes back depends on `tool_choice`:
 
 * a named function: the answer is held to that function's parameter schema by structured output
-  and returned as one call of it (vLLM does the same);
+  and returned as one call of it (vLLM does the same), streamed piece by piece as its arguments;
 * "required": held to a JSON array of {"name", "arguments"} objects, one per call, each naming a
   given tool with arguments of its schema (at most one with parallel_tool_calls false);
 * "auto" (the default with tools): free text; calls written the way the common templates teach
@@ -77,8 +77,16 @@ class ToolMode:
 
     @property
     def buffers(self) -> bool:
-        """Whether a streamed answer is held back until it ends (calls are known only then)."""
-        return self.kind != "none"
+        """Whether a streamed answer is held back until it ends (calls are known only then); a
+        named call is not: its answer is the call's arguments (`argument_delta`)."""
+        return self.kind not in ("none", "named")
+
+    def argument_delta(self, text: str, first: bool) -> dict:
+        """A named call's streamed `tool_calls` entry carrying the next piece of its arguments; the
+        first also carries the call's id, type and function name (OpenAI's streamed shape)."""
+        if first:
+            return {"index": 0, **_call(self.name, text)}
+        return {"index": 0, "function": {"arguments": text}}
 
     def parse(self, text: str, finish_reason: str) -> tuple[str | None, list[dict] | None]:
         """-> (content, tool_calls) of a finished answer in OpenAI's shape. An answer cut short
