@@ -97,16 +97,19 @@ def lm_eval_side(tasks: dict[str, list], limit: int, batch_size: int, gguf: Path
 def compare(items, ours: list[list[float]], samples: list[dict]) -> dict:
     by_doc = {s["doc_id"]: s for s in samples}
     same_pick = same_norm = 0
-    max_diff = 0.0
+    diffs = []  # per item, the largest |difference| of a choice's log-likelihood
     for i, (it, ll) in enumerate(zip(items, ours)):
         theirs = [float(r[0]) for r in by_doc[i]["filtered_resps"]]
-        max_diff = max(max_diff, max(abs(a - b) for a, b in zip(ll, theirs)))
+        diffs.append((max(abs(a - b) for a, b in zip(ll, theirs)), i, ll, theirs))
         same_pick += max(range(len(ll)), key=ll.__getitem__) == max(range(len(theirs)), key=theirs.__getitem__)
         norm = [x / len(c) for x, c in zip(ll, it.choices)]
         norm_t = [x / len(c) for x, c in zip(theirs, it.choices)]
         same_norm += max(range(len(norm)), key=norm.__getitem__) == max(range(len(norm_t)), key=norm_t.__getitem__)
+    worst = sorted(diffs, reverse=True)[:3]
     return {"items": len(items), "same_choice_acc": same_pick, "same_choice_acc_norm": same_norm,
-            "max_abs_loglik_diff": max_diff}
+            "max_abs_loglik_diff": worst[0][0], "items_over_1e-2": sum(d[0] > 1e-2 for d in diffs),
+            "largest": [{"item": i, "diff": d, "lowbit": a, "lm_eval": b, "context": items[i].context[-200:],
+                         "choices": items[i].choices} for d, i, a, b in worst]}
 
 
 def main() -> None:
