@@ -170,6 +170,14 @@ def test_tool_calls_named_required_streamed_and_a_tool_turn(client, model_id):
     assert not any(c.choices[0].delta.content for c in chunks if c.choices)
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
 
+    # "auto" (the default with tools) streams the answer as it comes: the default model's template
+    # defines no tools, so it answers in text, the same text as unstreamed, in many pieces
+    whole = client.chat.completions.create(model=model_id, messages=ask, tools=[weather], temperature=0, max_tokens=24)
+    texts = [c.choices[0].delta.content for c in client.chat.completions.create(
+        model=model_id, messages=ask, tools=[weather], temperature=0, max_tokens=24, stream=True)
+        if c.choices and c.choices[0].delta.content]
+    assert len(texts) > 1 and "".join(texts) == whole.choices[0].message.content
+
     # the conversation goes on with the tool's answer
     turn = ask + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
                   {"role": "tool", "tool_call_id": call.id, "content": "18 C and sunny"}]

@@ -88,3 +88,59 @@ def test_tool_turns_reach_the_template_as_hf_reads_them():
     msgs = [m.for_template() for m in req.messages]
     assert msgs[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"} and msgs[1]["content"] == ""
     assert msgs[2] == {"role": "tool", "content": "18 C, sunny", "tool_call_id": "call_1"}
+
+
+def _streamed(mode, text: str, size: int, finish: str = "stop"):
+    """Feeds `text` in pieces of `size` characters -> (content joined, calls, finish_reason, deltas)."""
+    from lowbit.serve.tools import StreamedChoice
+
+    choice = StreamedChoice(mode)
+    pieces = [text[i:i + size] for i in range(0, len(text), size)] or [""]
+    deltas = []
+    for k, piece in enumerate(pieces):
+        deltas += choice.deltas(piece, finish if k == len(pieces) - 1 else None)
+    content = "".join(d.get("content", "") for d in deltas)
+    calls = [c for d in deltas for c in d.get("tool_calls", [])]
+    return content, calls, choice.finish_reason(finish), deltas
+
+
+def test_auto_answers_stream_as_content_with_calls_whole():
+    auto = request(tools=[WEATHER, TIME]).tool_mode
+    plain = "Paris is sunny < 30 C today, <b>warm</b>."
+    hermes = ('Let me check. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call> '
+              '<tool_call>{"name": "nope", "arguments": {}}</tool_call>Done.')
+    for size in range(1, len(hermes) + 1):
+        content, calls, finish, deltas = _streamed(auto, plain, size)
+        assert (content, calls, finish) == (plain, [], "stop")
+        if size < len(plain) // 2:
+            assert len(deltas) > 1  # text goes out as it comes, not at the end
+        content, calls, finish, deltas = _streamed(auto, hermes, size)
+        # the call goes out whole, where it stood; a block that is no call of a given tool stays text
+        assert content == 'Let me check.  <tool_call>{"name": "nope", "arguments": {}}</tool_call>Done.'
+        assert [(c["index"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == \
+            [(0, "get_weather", {"city": "Paris"})]
+        assert calls[0]["id"].startswith("call_") and finish == "tool_calls"
+        kinds = ["call" if "tool_calls" in d else "text" for d in deltas]
+        assert kinds.index("call") > 0 and "text" in kinds[kinds.index("call"):]
+    # a block still open at the end is text; a whole-answer call (Llama 3.1's JSON) is held to the end
+    assert _streamed(auto, "a <tool_call>{\"name\":", 3, "length")[:3] == ("a <tool_call>{\"name\":", [], "length")
+    whole = '{"name": "get_time", "parameters": {}}'
+    for size in (1, 4, len(whole)):
+        content, calls, finish, deltas = _streamed(auto, "  " + whole, size)
+        assert content == "" and [c["function"]["name"] for c in calls] == ["get_time"] and finish == "tool_calls"
+        assert len(deltas) == 1
+    # "[TOOL" may become Mistral's marker: held; "[1, 2] is a list" is a whole-answer candidate, and
+    # not a call: all of it comes as content at the end
+    assert _streamed(auto, "[TOOL_CALLS] [{\"name\": \"get_time\", \"arguments\": {}}]", 2)[1][0]["function"]["name"] == \
+        "get_time"
+    assert _streamed(auto, "[1, 2] is a list", 3)[:3] == ("[1, 2] is a list", [], "stop")
+
+
+def test_named_calls_stream_their_arguments():
+    named = request(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}}).tool_mode
+    _, calls, finish, deltas = _streamed(named, '{"city":"Paris"}', 3)
+    assert len(deltas) == 6 and calls[0]["function"]["name"] == "get_weather" and "id" in calls[0]
+    assert all("id" not in c and "name" not in c["function"] for c in calls[1:])
+    assert "".join(c["function"]["arguments"] for c in calls) == '{"city":"Paris"}' and finish == "tool_calls"
+    # an empty answer is still a call
+    assert [c["function"] for c in _streamed(named, "", 1)[1]] == [{"name": "get_weather", "arguments": ""}]

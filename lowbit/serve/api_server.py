@@ -23,6 +23,7 @@ from lowbit.serve.responses import (UsageSoFar, chat_chunk, chat_logprobs, chat_
                                     completion_chunk, completion_logprobs, completion_response, sse, tool_call_deltas,
                                     usage)
 from lowbit.serve.serving import OpenAIServer
+from lowbit.serve.tools import StreamedChoice
 
 STATIC = Path(__file__).resolve().parent / "static"
 CLIENT_CLOSED = 499  # nginx's status for "the client went away"; nobody reads it
@@ -146,31 +147,26 @@ def build_app(server: OpenAIServer, ui: bool = False) -> FastAPI:
             for i in range(req.n):
                 yield sse(so_far.stamp(chat_chunk(rid, created, name, i, {"role": "assistant", "content": ""})))
             completion_tokens = 0
-            # a named tool call's answer is its arguments: they stream as the call's pieces, the
-            # first with the call's id and name (`called`: the choices whose call has begun)
-            named, called = tool_mode.kind == "named", set()
+            choices = [StreamedChoice(tool_mode) for _ in range(req.n)]  # content and tool calls as they come
             async with contextlib.aclosing(server.merged(sub)) as outputs:
                 async for i, out in outputs:
                     so_far.add(i, out)
                     parts = []  # one write for all that this output brings (text, then the finish)
-                    if not tool_mode.buffers:
-                        lp = chat_logprobs(out, tok, out.delta_token_ids) if req.logprobs else None
-                        begin = named and i not in called and out.finished  # a call even if empty
-                        if out.delta_text or lp or begin:
-                            if named:
-                                delta = {"tool_calls": [tool_mode.argument_delta(out.delta_text, i not in called)]}
-                                called.add(i)
-                            else:
-                                delta = {"content": out.delta_text}
-                            parts.append(so_far.stamp(chat_chunk(rid, created, name, i, delta, logprobs=lp)))
+                    ended = out.finish_reason if out.finished and out.finish_reason != "error" else None
+                    deltas = choices[i].deltas(out.delta_text, ended)
+                    lp = chat_logprobs(out, tok, out.delta_token_ids) if req.logprobs and not tool_mode.buffers else None
+                    if lp and not deltas:
+                        deltas = [{"content": ""}]
+                    for k, delta in enumerate(deltas):  # the logprobs go with the last
+                        parts.append(so_far.stamp(chat_chunk(rid, created, name, i, delta,
+                                                              logprobs=lp if k == len(deltas) - 1 else None)))
                     if out.finished:
                         completion_tokens += len(out.token_ids)
                         finish = out.finish_reason
                         if finish == "error":
                             parts.append(ErrorResponse(500, str(out.error), type_="server_error").body())
                         else:
-                            if named and finish == "stop":
-                                finish = "tool_calls"
+                            finish = choices[i].finish_reason(finish)
                             if tool_mode.buffers:  # tool calls are known once the answer is whole
                                 message, finish = chat_message(out, tool_mode)
                                 delta = {"content": message["content"]} if message["content"] else {}
