@@ -24,7 +24,7 @@ class LLM:
         checkpoint) triple that `load_model` returns, to share weights already loaded.
         enforce_eager: decode without CUDA graphs (on a GPU they are captured at start-up).
         num_scheduler_steps: greedy decode steps run per host round trip (default 8 with CUDA graphs,
-        1 otherwise); their tokens reach the outputs together.
+        1 otherwise); each step's tokens reach the outputs as soon as the GPU has them.
         tensor_parallel_size: ranks to split the model over (one process and GPU each; gloo
         processes on the CPU), Megatron-style (engine/tp_workers.py); a given triple is sharded in
         place, and must come from a checkpoint path or be dummy weights (the other ranks load the
