@@ -37,7 +37,7 @@ import torch  # noqa: E402
 
 from lowbit.eval.task_data import load_task  # noqa: E402
 from lowbit.eval.task_formats import _split_ctx, build_items  # noqa: E402
-from lowbit.eval.tasks import score_items  # noqa: E402
+from lowbit.eval.tasks import _argmax, score_items  # noqa: E402
 
 # task -> (lm_eval's config under lm_eval/tasks, the split it evaluates)
 CONFIGS = {"arc_challenge": ("arc/arc_challenge.yaml", "test"), "piqa": ("piqa/piqa.yaml", "validation"),
@@ -93,7 +93,12 @@ def lm_eval_side(tasks: dict[str, list], limit: int, batch_size: int, gguf: Path
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device="cpu")
     out = lm_eval.simple_evaluate(model=lm, tasks=names, limit=limit, log_samples=True,
                                   task_manager=TaskManager(include_path=str(work)))
-    return {"results": out["results"], "samples": out["samples"], "version": lm_eval.__version__ if hasattr(lm_eval, "__version__") else None}
+    return {"results": out["results"], "samples": out["samples"], "version": getattr(lm_eval, "__version__", None)}
+
+
+def picks(ll: list[float], choices: list[str]) -> tuple[int, int]:
+    """The choice picked by log-likelihood, and by log-likelihood per character (acc, acc_norm)."""
+    return _argmax(ll), _argmax([x / len(c) for x, c in zip(ll, choices)])
 
 
 def compare(items, ours: list[list[float]], samples: list[dict]) -> dict:
@@ -103,10 +108,9 @@ def compare(items, ours: list[list[float]], samples: list[dict]) -> dict:
     for i, (it, ll) in enumerate(zip(items, ours)):
         theirs = [float(r[0]) for r in by_doc[i]["filtered_resps"]]
         diffs.append((max(abs(a - b) for a, b in zip(ll, theirs)), i, ll, theirs))
-        same_pick += max(range(len(ll)), key=ll.__getitem__) == max(range(len(theirs)), key=theirs.__getitem__)
-        norm = [x / len(c) for x, c in zip(ll, it.choices)]
-        norm_t = [x / len(c) for x, c in zip(theirs, it.choices)]
-        same_norm += max(range(len(norm)), key=norm.__getitem__) == max(range(len(norm_t)), key=norm_t.__getitem__)
+        (ours_acc, ours_norm), (their_acc, their_norm) = picks(ll, it.choices), picks(theirs, it.choices)
+        same_pick += ours_acc == their_acc
+        same_norm += ours_norm == their_norm
     worst = sorted(diffs, reverse=True)[:3]
     return {"items": len(items), "same_choice_acc": same_pick, "same_choice_acc_norm": same_norm,
             "max_abs_loglik_diff": worst[0][0], "items_over_1e-2": sum(d[0] > 1e-2 for d in diffs),
@@ -139,14 +143,13 @@ def main() -> None:
         theirs = lm_eval_side(rows_of, args.limit, args.batch_size, gguf, Path(tmp))
         lm_eval_s = time.time() - t0
     record = {"command": " ".join(sys.argv), "model": str(gguf), "limit": args.limit, "lowbit_s": lowbit_s,
-              "lm_eval_s": lm_eval_s, "torch": torch.__version__, "tasks": {}}
+              "lm_eval_s": lm_eval_s, "lm_eval": theirs["version"], "torch": torch.__version__, "tasks": {}}
     for task, (items, lls) in ours.items():
         name = f"lowbit_check_{task}"
         res = theirs["results"][name]
-        n = len(items)
-        acc = sum(max(range(len(ll)), key=ll.__getitem__) == it.gold for it, ll in zip(items, lls)) / n
-        acc_norm = sum(max(range(len(ll)), key=lambda i: ll[i] / len(it.choices[i])) == it.gold
-                       for it, ll in zip(items, lls)) / n
+        ours_picks = [picks(ll, it.choices) for it, ll in zip(items, lls)]
+        acc = sum(a == it.gold for (a, _), it in zip(ours_picks, items)) / len(items)
+        acc_norm = sum(an == it.gold for (_, an), it in zip(ours_picks, items)) / len(items)
         row = {"lowbit_acc": acc, "lowbit_acc_norm": acc_norm, "lm_eval_acc": res.get("acc,none"),
                "lm_eval_acc_norm": res.get("acc_norm,none"), **compare(items, lls, theirs["samples"][name])}
         record["tasks"][task] = row

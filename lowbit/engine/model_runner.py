@@ -8,6 +8,7 @@ step has the same tensor shapes for the same batch size: on a GPU it replays a C
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Callable, Iterator
@@ -210,15 +211,22 @@ class ModelRunner:
         step = self.prepare(seqs, batch.num_new_tokens)
         if self.replays_runs(len(seqs)):
             if comm.world() > 1:
-                try:  # the other ranks replay the same run (tp_workers.py); every rank's greedy
-                    # tokens are the same, from the same gathered logits, so are their next inputs
-                    comm.broadcast_object((step, True, steps))
-                except Exception as e:
-                    raise (self.explain_failure(e) if self.explain_failure else e) from e
+                # the other ranks replay the same run (tp_workers.py); every rank's greedy tokens are
+                # the same, from the same gathered logits, so are the next inputs each makes
+                with self._rank_failures():
+                    comm.broadcast_object(("run", step, steps))
             return self.graphs.run_steps(step, steps)
         if comm.world() > 1:
             raise RuntimeError("runs of decode steps under tensor parallelism need CUDA graphs")
         return self._eager_steps(step, seqs, steps)
+
+    @contextlib.contextmanager
+    def _rank_failures(self):
+        """A failed collective raised as the failure of the rank that caused it, where one said."""
+        try:
+            yield
+        except Exception as e:
+            raise (self.explain_failure(e) if self.explain_failure else e) from e
 
     def replays_runs(self, n: int) -> bool:
         """Whether a run of n sequences' steps replays CUDA graphs (else it runs eagerly, which
@@ -256,11 +264,9 @@ class ModelRunner:
         if comm.world() == 1:
             logits, greedy = self.execute(step, use_graph)
         else:
-            try:  # the other tensor-parallel ranks run the same step (tp_workers.py)
-                comm.broadcast_object((step, use_graph))
+            with self._rank_failures():  # the other tensor-parallel ranks run the same step (tp_workers.py)
+                comm.broadcast_object(("step", step, use_graph))
                 logits, greedy = self.execute(step, use_graph)
-            except Exception as e:
-                raise (self.explain_failure(e) if self.explain_failure else e) from e
         sampling = [s for s, n in zip(seqs, num_new) if s.num_computed_tokens + n == s.num_tokens]
         tokens, logprobs = [None] * len(batch), [None] * len(batch)
         if not sampling:

@@ -86,13 +86,13 @@ def _worker(rank: int, world: int, port: int, source: ModelSource, device_type: 
             msg = comm.broadcast_object()
             if msg is None:
                 break
+            kind, step, arg = msg  # ModelRunner.run / run_steps say what rank 0 runs
             with torch.inference_mode():
-                if len(msg) == 3:  # a run of greedy decode steps from CUDA graphs (ModelRunner.run_steps)
-                    step, _graph, steps = msg
-                    for _tokens in runner.graphs.run_steps(step, steps):
+                if kind == "run":  # `arg` greedy decode steps from CUDA graphs
+                    for _tokens in runner.graphs.run_steps(step, arg):
                         pass
-                else:
-                    runner.execute(*msg)
+                else:  # one step, `arg`: whether from a CUDA graph
+                    runner.execute(step, arg)
     except BaseException as e:  # noqa: BLE001 - reported to rank 0, which raises it
         errors.put((rank, f"{type(e).__name__}: {e}", traceback.format_exc()))
         raise SystemExit(1)

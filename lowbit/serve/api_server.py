@@ -19,8 +19,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 
 from lowbit.errors import LowbitError
 from lowbit.serve.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse
-from lowbit.serve.responses import (UsageSoFar, chat_chunk, chat_logprobs, chat_message, chat_response,
-                                    completion_chunk, completion_logprobs, completion_response, sse, tool_call_deltas,
+from lowbit.serve.responses import (UsageSoFar, answer_delta, chat_chunk, chat_logprobs, chat_message,
+                                    chat_response, completion_chunk, completion_logprobs, completion_response, sse,
                                     usage)
 from lowbit.serve.serving import OpenAIServer
 from lowbit.serve.tools import StreamedChoice
@@ -169,9 +169,7 @@ def build_app(server: OpenAIServer, ui: bool = False) -> FastAPI:
                             finish = choices[i].finish_reason(finish)
                             if tool_mode.buffers:  # tool calls are known once the answer is whole
                                 message, finish = chat_message(out, tool_mode)
-                                delta = {"content": message["content"]} if message["content"] else {}
-                                if "tool_calls" in message:
-                                    delta["tool_calls"] = tool_call_deltas(message["tool_calls"])
+                                delta = answer_delta(message["content"], message.get("tool_calls"))
                                 lp = chat_logprobs(out, tok, out.token_ids) if req.logprobs else None
                                 if delta or lp:
                                     parts.append(so_far.stamp(chat_chunk(rid, created, name, i, delta, logprobs=lp)))

@@ -80,9 +80,12 @@ def chat_message(out, tool_mode) -> tuple[dict, str]:
     return message, ("tool_calls" if calls else out.finish_reason)
 
 
-def tool_call_deltas(calls: list[dict]) -> list[dict]:
-    """Whole tool calls as a streamed delta's `tool_calls` (each with its index)."""
-    return [{"index": k, **c} for k, c in enumerate(calls)]
+def answer_delta(content: str | None, calls: list[dict] | None) -> dict:
+    """A whole answer as one streamed delta: its content, and its tool calls each with its index."""
+    delta = {"content": content} if content else {}
+    if calls:
+        delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(calls)]
+    return delta
 
 
 def chat_response(rid: str, created: int, model: str, outs: list, prompt_tokens: int, tok, logprobs: bool,

@@ -22,6 +22,7 @@ import uuid
 from dataclasses import dataclass
 
 from lowbit.engine.structured_output import StructuredOutput
+from lowbit.serve.responses import answer_delta
 
 _HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 _NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
@@ -159,8 +160,8 @@ class AutoCallStream:
                 return []
             content, calls = self.mode.parse(self.text, finish_reason)
             self.calls = len(calls or [])
-            out = [{"content": content}] if content else []
-            return out + ([{"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]}] if calls else [])
+            delta = answer_delta(content, calls)  # as a "required" answer goes out at its end
+            return [delta] if delta else []
         return self._hermes(done)
 
     def _hermes(self, done: bool) -> list[dict]:
