@@ -18,12 +18,15 @@ import torch  # noqa: E402
 from lowbit.kernels import cuda_ext  # noqa: E402
 from lowbit.kernels import w4a16 as wk  # noqa: E402
 
-# layer: (K, N, warps, columns a lane, blocks in flight a warp, K split): the H200's picks at batch 1
+# layer: (K, N, warps, columns a lane, blocks in flight a warp, K split[, cp.async stages]): the
+# H200's register-ring picks at batch 1, and cp.async configs of the same shapes
 CONFIGS = {
     "qkv": (4096, 12288, 8, 1, 2, 1),
     "o": (4096, 4096, 8, 1, 4, 1),
     "gate_up": (4096, 22016, 4, 2, 2, 1),
     "down": (11008, 4096, 16, 1, 4, 1),
+    "gate_up_async": (4096, 22016, 4, 2, 1, 1, 4),
+    "down_async": (11008, 4096, 8, 2, 1, 2, 4),
 }
 
 
@@ -34,7 +37,8 @@ def main() -> None:
     args = ap.parse_args()
     mod = cuda_ext.w4a16_module()
     for name in args.layers.split(","):
-        k, n, warps, cols, depth, split = CONFIGS[name]
+        k, n, warps, cols, depth, split, *rest = CONFIGS[name]
+        stages = rest[0] if rest else 0  # csrc's kStages: 0 = the register-ring kernel
         codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, device="cuda")
         scales = torch.rand(n, k // 128, device="cuda") * 0.01 + 0.002
         zeros = torch.randint(0, 16, (n, k // 128), dtype=torch.int32, device="cuda")
@@ -44,9 +48,9 @@ def main() -> None:
         ws = torch.empty(split, n, device="cuda", dtype=torch.float32)
         for _ in range(args.calls):
             mod.w4a16_gemv(x, w.qweight_int32_kxn, w.scales_gxn, w.zeros_gxn, out, ws, w.locks, k,
-                           w.group_planes, split, warps, cols, depth, False)
+                           w.group_planes, split, warps, cols, depth, stages, False, False)
         torch.cuda.synchronize()
-        print(f"{name}: K {k} N {n} <{warps}, {cols}, {depth}> split {split}, {w.nbytes / 1e6:.1f} MB")
+        print(f"{name}: K {k} N {n} <{warps}, {cols}, {depth}, {stages}> split {split}, {w.nbytes / 1e6:.1f} MB")
 
 
 if __name__ == "__main__":

@@ -49,7 +49,8 @@ def timed_steps(llm, prompts, params, steps: int, batch: int) -> dict:
 
 
 def decode_profile(arch: str, w_bits: int, steps: int, kv_bits: int = 16, enforce_eager: bool = False,
-                   batch: int = 1, trace: bool = True, env_ab: str | None = None) -> dict:
+                   batch: int = 1, trace: bool = True, env_ab: str | None = None,
+                   scheduler_steps: list[int] | None = None) -> dict:
     from lowbit.bench.common import environment
     from lowbit.engine.llm import LLM
     from lowbit.engine.sampling_params import SamplingParams
@@ -70,10 +71,21 @@ def decode_profile(arch: str, w_bits: int, steps: int, kv_bits: int = 16, enforc
                 llm.engine.runner._capture_graphs()
                 ab.setdefault(value, []).append(timed_steps(llm, prompts, params, steps, batch))
                 print(f"{name}={value} round {rnd}: {ab[value][-1]}", flush=True)
+    runs = {}
+    if scheduler_steps:  # decode steps per host round trip: the host's share of a step against each
+        import dataclasses
+
+        base = llm.engine.config
+        for rnd in range(2):
+            for n in scheduler_steps:
+                llm.engine.config = dataclasses.replace(base, num_scheduler_steps=n)
+                runs.setdefault(n, []).append(timed_steps(llm, prompts, params, steps, batch))
+                print(f"num_scheduler_steps={n} round {rnd}: {runs[n][-1]}", flush=True)
+        llm.engine.config = base
     step_us, graph_us = timed_steps(llm, prompts, params, steps, batch).values()
     if not trace:
         return {"arch": arch, "w_bits": w_bits, "kv_bits": kv_bits, "steps": steps, "batch": batch,
-                "step_us_timed": step_us, "graph_replay_us": graph_us, "env_ab": ab,
+                "step_us_timed": step_us, "graph_replay_us": graph_us, "env_ab": ab, "scheduler_steps": runs,
                 "cuda_graphs": llm.engine.runner.graph_status, "env": environment(torch.device("cuda")), "rows": []}
 
     from torch.profiler import ProfilerActivity, profile
@@ -109,6 +121,7 @@ def decode_profile(arch: str, w_bits: int, steps: int, kv_bits: int = 16, enforc
     return {"arch": arch, "w_bits": w_bits, "kv_bits": kv_bits, "steps": steps, "batch": batch,
             "output_tokens_per_s_timed": batch * 1e6 / step_us, "cuda_graphs": llm.engine.runner.graph_status,
             "step_us_timed": step_us, "tokens_per_s_timed": 1e6 / step_us, "graph_replay_us": graph_us,
+            "scheduler_steps": runs,
             "kernels_per_step": len(kernels) / steps, "kernel_us_per_step": total_us / steps,
             "profiled_span_us_per_step": span / steps, "idle_us_per_step": idle / steps, "env": environment(torch.device("cuda")), "rows": rows}
 
@@ -132,13 +145,15 @@ def main() -> None:
     ap.add_argument("--no-trace", action="store_true", help="timings only, no torch.profiler pass")
     ap.add_argument("--env-ab", help="NAME=V1,V2: time the step with each value of an environment variable "
                                      "read at graph capture (e.g. LOWBIT_FUSED_PROLOGUES=0,1), in one process")
+    ap.add_argument("--scheduler-steps", type=int, nargs="+",
+                    help="time the step with each num_scheduler_steps (decode steps per host round trip), in one process")
     ap.add_argument("--out", default=os.environ.get("OUT") or "profile-out")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for w in args.w_bits:
         rec = decode_profile(args.arch, w, args.steps, args.kv_bits, args.eager, args.batch, not args.no_trace,
-                             args.env_ab)
+                             args.env_ab, args.scheduler_steps)
         rec["command"] = " ".join(sys.argv)
         if args.no_trace:
             (out / f"steps_{args.arch}_w{w}_kv{args.kv_bits}_b{args.batch}.json").write_text(

@@ -48,12 +48,34 @@ def test_runs_of_steps_give_one_steps_tokens(smol, prompts):
     # runs before max_tokens 19 and 16 are cut short to end there
     params = [SamplingParams(max_tokens=19), SamplingParams(max_tokens=16), SamplingParams(max_tokens=50)]
     one, one_steps = _run(_llm(smol, 1), prompts, params)
-    five, five_steps = _run(_llm(smol, 5), prompts, params)
+    llm = _llm(smol, 5)
+    five, five_steps = _run(llm, prompts, params)
     _same(one, five)
     assert [o.finish_reason for o in one] == ["length", "length", "stop"]
     assert len(one[2].token_ids) % 5 != 0  # the stop token is not the last of its run
     # the prefill step samples the first token; then runs of 5, cut to what the shortest has left
     assert one_steps == 19 and five_steps == 5  # 1 + 18 against 1 + (2-6, 7-11, 12-16, 17-19)
+    # 7-11 and 12-16 were enqueued while the run before still ran (all three running, none near its
+    # end); 17-19 was scheduled (the third had stopped at 13)
+    assert llm.engine.runs_continued == 2
+
+
+def test_a_stop_on_the_last_step_of_a_run_that_was_continued(smol, prompts):
+    """The next run is enqueued while the GPU runs a run's last step; a stop token on that step
+    ends the sequence, and the next run's tokens for it are dropped, its cache freed meanwhile."""
+    tokens = _run(_llm(smol, 1), prompts[:1], [SamplingParams(max_tokens=40, ignore_eos=True)])[0][0].token_ids
+    # runs of 4 after the first token: tokens 1-4, 5-8, ...; a token seen first at the end of one
+    at = next(i for i in range(8, 40, 4) if tokens[i] not in tokens[:i])
+    params = [SamplingParams(max_tokens=40, stop_token_ids=[tokens[at]], ignore_eos=True),
+              SamplingParams(max_tokens=40, ignore_eos=True)]
+    one, _ = _run(_llm(smol, 1), prompts[:2], params)
+    llm = _llm(smol, 4)
+    four, _ = _run(llm, prompts[:2], params)
+    _same(one, four)
+    assert four[0].finish_reason == "stop" and len(four[0].token_ids) == at
+    assert llm.engine.runs_continued >= at // 4 - 1  # every run up to the stop was continued
+    again, _ = _run(llm, prompts[1:2], params[1:])  # the cache freed under the dropped run serves anew
+    _same(one[1:], again)
 
 
 def test_a_stop_string_inside_a_run_and_a_sampled_request(smol, prompts):
@@ -115,12 +137,18 @@ def test_runs_of_steps_from_cuda_graphs_give_one_steps_tokens():
     for batch in (prompts[:1], prompts):
         params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (45, 29, 40)][:len(batch)]
         _same(_run(one, batch, params)[0], _run(eight, batch, params)[0])
+    assert eight.engine.runs_continued > 0
     # a stop token inside a run: the host takes the run's steps while the GPU still runs the later
-    # ones (whose tokens it drops), and frees the stopped sequence's blocks meanwhile
-    tokens = _run(one, prompts[:1], [SamplingParams(max_tokens=45, ignore_eos=True)])[0][0].token_ids
-    at = next(i for i in range(11, 45) if tokens[i] not in tokens[:i] and i % 8 not in (0, 7))
+    # ones (whose tokens it drops), and frees the stopped sequence's blocks meanwhile. Random weights
+    # fall into short cycles: the prompt is one whose answer has a token seen first past its start.
+    for prompt in ([9], [1, 2, 3], [17, 4], [250, 3, 99], [31]):
+        tokens = _run(one, [prompt], [SamplingParams(max_tokens=45, ignore_eos=True)])[0][0].token_ids
+        fresh = [i for i in range(2, 45) if tokens[i] not in tokens[:i]]
+        if fresh:
+            break
+    at = fresh[-1]
     params = [SamplingParams(max_tokens=45, stop_token_ids=[tokens[at]], ignore_eos=True),
               SamplingParams(max_tokens=40, ignore_eos=True)]
-    first = _run(one, prompts[::2], params)[0]
+    first = _run(one, [prompt, prompts[1]], params)[0]
     assert first[0].finish_reason == "stop" and len(first[0].token_ids) == at
-    _same(first, _run(eight, prompts[::2], params)[0])
+    _same(first, _run(eight, [prompt, prompts[1]], params)[0])

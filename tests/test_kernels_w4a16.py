@@ -161,12 +161,17 @@ def _cuda_kernels_on() -> bool:
 
 
 @pytest.mark.skipif(not _cuda_kernels_on(), reason="the CUDA C++ gemv builds and runs on a Hopper-class GPU")
-@pytest.mark.parametrize("warps,bn,depth", [(4, 128, 2), (4, 64, 2), (8, 128, 2), (8, 32, 4), (16, 64, 2),
-                                            (16, 32, 2), (16, 32, 4)])
+@pytest.mark.parametrize("warps,bn,depth,stages", [(4, 128, 2, 1), (4, 64, 2, 1), (8, 128, 2, 1), (8, 32, 4, 1),
+                                                   (16, 64, 2, 1), (16, 32, 2, 1), (16, 32, 4, 1),
+                                                   (4, 64, 1, 4), (4, 64, 1, 6), (8, 64, 1, 2), (8, 64, 1, 4),
+                                                   (4, 128, 1, 2), (4, 128, 1, 4), (4, -2, 1, 4), (4, -2, 1, 8),
+                                                   (8, -2, 1, 4), (4, -4, 1, 4), (8, -4, 1, 2)])
 @pytest.mark.parametrize("n,k,group,split", [(256, 512, 128, 1), (148, 320, 64, 3), (512, 1024, -1, 7),
                                              (4096, 4096, 128, 4), (1024, 11008, 128, 2), (64, 200, -1, 1)])
-def test_w4a16_cuda_gemv(n, k, group, split, warps, bn, depth):
-    """The CUDA C++ gemv ('gemvc', csrc/w4a16_gemv.cu) against the PyTorch reference: both group
+def test_w4a16_cuda_gemv(n, k, group, split, warps, bn, depth, stages):
+    """The CUDA C++ gemv ('gemvc', csrc/w4a16_gemv.cu; stages 1: the register-ring kernel, >= 2 the
+    cp.async one, with fewer or more blocks a warp than stages; bn -c: the cp.async kernel with its
+    warps along N, c columns a lane) against the PyTorch reference: both group
     layouts, per-channel scales, a padded last block, N not a multiple of the column tile,
     split-K (twice: a counter left armed would spoil the second call), activations of +-3000 (the
     x / 16 that keeps its fp16 partial sums finite)."""
@@ -176,7 +181,9 @@ def test_w4a16_cuda_gemv(n, k, group, split, warps, bn, depth):
     w = pack_w4a16(codes.cuda(), scales.cuda(), zeros.cuda(), group, bits=4)
     ref = w4a16_ref(x.float(), codes, scales, zeros, group)
     for _ in range(2):
-        out = w4a16_matmul(x.cuda(), w, config=Config("gemvc", 1, bn, depth, split, warps, 1))
+        wide = bn < 0
+        cfg = Config("gemvc", 1, -bn * 32 * warps if wide else bn, depth, split, warps, stages, wide=wide)
+        out = w4a16_matmul(x.cuda(), w, config=cfg)
         assert torch.isfinite(out).all()
         assert rel_err(out, ref) < 4e-3
         assert int(w.locks.abs().sum()) == 0

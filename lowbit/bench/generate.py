@@ -125,6 +125,8 @@ def run_generate(spec: ModelSpec, opts: GenerateOptions, out_dir: Path | None = 
                       enforce_eager=opts.enforce_eager, tensor_parallel_size=opts.tp)
             run["engine"] = {**engine_info(llm), "init_s": time.perf_counter() - t1}
             run["results"] = measure(llm, opts, model.config.vocab_size)
+            # runs of decode steps enqueued behind the run before, without a host round trip between
+            run["engine"]["runs_continued"] = llm.engine.runs_continued
             for r in run["results"]:
                 lat = r["per_token_latency_ms"]
                 log(f"{name} kv{kv_bits} c={r['concurrency']}: {r['output_tokens_per_s']:.1f} tok/s, "

@@ -113,28 +113,45 @@ class DecodeGraphs:
         every step are allocated beforehand), one more token of context. Every replay is enqueued
         before the first step's tokens are yielded, and each step's tokens are yielded as soon as
         that step is done: the host takes them (stop checks, detokenizing, streaming) while the GPU
-        runs the steps after, and only the last step's taking leaves the GPU waiting. Padding rows
-        keep their scratch slot."""
+        runs the steps after, and only the last step's taking leaves the GPU waiting (unless
+        `more_steps` continues the run before it). Padding rows keep their scratch slot."""
         n, b = self._load(step)
+        return self._replays(n, b, steps, advance_first=False)
+
+    def more_steps(self, block_tables: torch.Tensor, steps: int) -> Iterator[list[int]]:
+        """`steps` more steps of the run last enqueued by run_steps / more_steps, from the inputs its
+        last step leaves on the GPU (enqueued behind it: the GPU goes on without waiting for the
+        host); `block_tables`: the rows' tables, grown for these steps."""
+        n, b = self._last_run
+        self.block_tables[:n].copy_(block_tables, non_blocking=True)
+        return self._replays(n, b, steps, advance_first=True)
+
+    def _replays(self, n: int, b: int, steps: int, advance_first: bool) -> Iterator[list[int]]:
         replay = self.graphs[b]
-        bs = self.cache.block_size
-        ids, pos, slots, ctx = self.input_ids[:n], self.positions[:n], self.slot_mapping[:n], self.context_lens[:n]
         on_gpu = self.input_ids.is_cuda
         host = torch.empty(steps, n, dtype=torch.int64, pin_memory=on_gpu)
         done = []  # per step: its tokens' copy to `host`, finished when this event is
+        greedy = self._last_greedy if advance_first else None
         for i in range(steps):
+            if greedy is not None:
+                self._advance(n, greedy)
             _, greedy = replay()
             host[i].copy_(greedy[:n], non_blocking=on_gpu)
             if on_gpu:
                 done.append(torch.cuda.Event())
                 done[-1].record()
-            if i + 1 < steps:
-                ids.copy_(greedy[:n])
-                pos.add_(1)
-                ctx.add_(1)
-                block = self.block_tables[:n].gather(1, torch.div(pos, bs, rounding_mode="floor")[:, None])[:, 0]
-                slots.copy_(block.long() * bs + pos % bs)
+        self._last_run, self._last_greedy = (n, b), greedy
         return self._tokens_when_ready(host, done)
+
+    def _advance(self, n: int, greedy: torch.Tensor) -> None:
+        """The next decode step's inputs of rows [:n], on the GPU, from the tokens just chosen."""
+        bs = self.cache.block_size
+        ids, pos, slots, ctx = self.input_ids[:n], self.positions[:n], self.slot_mapping[:n], self.context_lens[:n]
+        ids.copy_(greedy[:n])
+        pos.add_(1)
+        ctx.add_(1)
+        block = self.block_tables[:n].gather(1, torch.div(pos, bs, rounding_mode="floor")[:, None])[:, 0]
+        slots.copy_(block.long() * bs + pos % bs)
 
     @staticmethod
     def _tokens_when_ready(host: torch.Tensor, done: list) -> Iterator[list[int]]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from typing import Callable
+from typing import Callable, Iterator
 
 from lowbit.engine.block_manager import BlockManager
 from lowbit.engine.config import EngineConfig
@@ -15,7 +15,7 @@ from lowbit.engine.model_runner import ModelRunner
 from lowbit.engine.outputs import RequestOutput, RequestState
 from lowbit.engine.sampling_params import SamplingParams
 from lowbit.engine.scheduler import ScheduledBatch, Scheduler
-from lowbit.engine.sequence import Sequence
+from lowbit.engine.sequence import Sequence, SequenceStatus
 from lowbit.engine.structured_output import GrammarCompiler
 from lowbit.errors import LowbitError
 from lowbit.parallel import comm
@@ -39,6 +39,10 @@ class LLMEngine:
         self.grammars = GrammarCompiler(tokenizer, self.vocab_size, self.eos_token_ids)
         self.lock = threading.RLock()
         self._next_id = itertools.count()
+        # (batch, steps, per-step tokens): a run of decode steps enqueued on the GPU behind the one
+        # before it (see step), taken by the next step() before anything is scheduled
+        self._continued: tuple[ScheduledBatch, int, Iterator] | None = None
+        self.runs_continued = 0  # runs enqueued that way (`lowbit bench generate` reports it)
 
     # -- requests ----------------------------------------------------------------------------
     def make_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
@@ -102,26 +106,41 @@ class LLMEngine:
     # -- the loop ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Runs one scheduled batch: one model step, or several greedy decode steps in a row
-        (`steps_ahead`), whose tokens are then taken in one step at a time, as if run so."""
+        (`steps_ahead`), whose tokens are then taken in one step at a time, as if run so.
+
+        While the host takes a run's next-to-last step, the GPU runs its last; if the same batch may
+        go on (`steps_continued`), its next run is enqueued right then, so the GPU never waits for the
+        host between runs, and the next step() takes that run instead of scheduling."""
         with self.lock:
-            if not self.scheduler.has_work():
-                return []
-            batch = self.scheduler.schedule()
-            if not batch.seqs:  # the cache holds a max_model_len sequence, so something always fits
-                raise RuntimeError(f"scheduler made no progress: {self.scheduler.waiting}, {self.scheduler.running}")
-            steps = self.steps_ahead(batch)
+            batch, steps, per_step = self._continued or (None, 0, None)
+            self._continued = None
+            if batch is not None and not any(s.status == SequenceStatus.RUNNING for s in batch.seqs):
+                batch = None  # all ended in the run before (their cache is freed): its tokens are dropped
+            if batch is None:
+                if not self.scheduler.has_work():
+                    return []
+                batch = self.scheduler.schedule()
+                if not batch.seqs:  # the cache holds a max_model_len sequence, so something always fits
+                    raise RuntimeError(f"scheduler made no progress: {self.scheduler.waiting}, {self.scheduler.running}")
+                steps = self.steps_ahead(batch)
             outputs = []
             try:
-                if steps > 1:
-                    per_step = ((sampled, [None] * len(batch)) for sampled in self.runner.run_steps(batch, steps))
-                else:
-                    per_step = iter([self.runner.run(batch)])
+                if per_step is None and steps > 1:
+                    per_step = self.runner.run_steps(batch, steps)
+                elif per_step is None:
+                    outputs += self._take(batch, *self.runner.run(batch))
                 # a run's steps are taken one at a time as the runner yields them: while the host
                 # takes one step's tokens, the GPU runs the run's next steps
-                for sampled, logprobs in per_step:
-                    outputs += self._take(batch, sampled, logprobs)
+                for i, sampled in enumerate(per_step or ()):
+                    outputs += self._take(batch, sampled, [None] * len(batch))
+                    if i == steps - 2:  # the GPU runs the last step now: the next run goes behind it
+                        more = self.steps_continued(batch)
+                        if more:
+                            self._continued = (batch, more, self.runner.more_steps(batch, more))
+                            self.runs_continued += 1
             except Exception as e:  # the engine keeps serving; this step's requests fail
                 log.exception("model step failed")
+                self._continued = None
                 # (_take fails only the request it was taking; those that finished earlier in the run
                 # have gone out already)
                 states = [self.requests[s.request_id] for s in batch.seqs if s.request_id in self.requests]
@@ -140,20 +159,39 @@ class LLMEngine:
         of it (taken here), and under tensor parallelism the run replays CUDA graphs on every rank.
         A sequence that stops on the way (a stop token or string) drops the tokens after it, as if
         those steps had not run; its cache past them is freed with it."""
+        if comm.world() > 1 and not self.runner.replays_runs(len(batch)):
+            return 1
+        return max(1, self._run_length(batch, in_flight=0))
+
+    def steps_continued(self, batch: ScheduledBatch) -> int:
+        """How many decode steps may follow, for the same batch, the run whose last step the GPU
+        runs now (the host has taken the others): steps_ahead's conditions, counted from that
+        step's end, with every sequence still running; 0 for none (then the next step() schedules).
+        Nobody waiting is checked here, so a request that arrives waits at most one run. Not under
+        tensor parallelism (the other ranks replay only whole runs)."""
+        if comm.world() > 1 or any(s.status != SequenceStatus.RUNNING for s in batch.seqs):
+            return 0
+        more = self._run_length(batch, in_flight=1)
+        return more if more > 1 else 0
+
+    def _run_length(self, batch: ScheduledBatch, in_flight: int) -> int:
+        """Greedy decode steps `batch` may run unseen after the `in_flight` steps enqueued and not yet
+        taken, with the blocks for all of them taken here; <= 1 when it may not run more than one."""
         ahead = self.num_scheduler_steps
-        if ahead <= 1 or self.scheduler.waiting or (comm.world() > 1 and not self.runner.replays_runs(len(batch))):
+        if ahead <= 1 or self.scheduler.waiting:
             return 1
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             p = seq.params
             if (n != 1 or seq.num_uncomputed_tokens != 1 or seq.num_output_tokens == 0 or seq.grammar is not None
                     or not p.argmax_only):
                 return 1
-            ahead = min(ahead, p.max_tokens - seq.num_output_tokens, self.config.max_model_len - seq.num_tokens)
+            ahead = min(ahead, p.max_tokens - seq.num_output_tokens - in_flight,
+                        self.config.max_model_len - seq.num_tokens - in_flight)
         bm = self.block_manager
-        if ahead <= 1 or sum(bm.blocks_needed(seq, ahead) for seq in batch.seqs) > bm.num_free_blocks:
+        if ahead <= 1 or sum(bm.blocks_needed(seq, in_flight + ahead) for seq in batch.seqs) > bm.num_free_blocks:
             return 1
         for seq in batch.seqs:
-            bm.allocate(seq, ahead)
+            bm.allocate(seq, in_flight + ahead)
         return ahead
 
     @property

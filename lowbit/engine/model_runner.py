@@ -9,6 +9,7 @@ step has the same tensor shapes for the same batch size: on a GPU it replays a C
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from typing import Callable, Iterator
@@ -152,20 +153,23 @@ class ModelRunner:
         """The step's inputs on the host, and the rows (into the packed tokens) of each sequence's
         last token where that token completes the sequence, so a new token is sampled."""
         bs = self.block_size
-        ids, positions, slots, sample_rows, tables = [], [], [], [], []
-        width = self.max_blocks_per_seq
+        ids, positions, slots, sample_rows = [], [], [], []
         for seq, n in zip(seqs, num_new):
             start = seq.num_computed_tokens
             ids += seq.token_ids[start:start + n]
             positions += range(start, start + n)
             table = seq.block_table
             slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
-            tables.append(table + [0] * (width - len(table)))
             if start + n == seq.num_tokens:
                 sample_rows.append(len(ids) - 1)
         context = [s.num_computed_tokens + n for s, n in zip(seqs, num_new)]
-        return StepInputs(ids, positions, slots, torch.tensor(tables, dtype=torch.int32).view(len(seqs), width),
-                          context, list(num_new), sample_rows)
+        return StepInputs(ids, positions, slots, self._block_tables(seqs), context, list(num_new), sample_rows)
+
+    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
+        """int32 [len(seqs), max_blocks_per_seq], each row a sequence's blocks, zero-padded."""
+        width = self.max_blocks_per_seq
+        tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs]
+        return torch.tensor(tables, dtype=torch.int32).view(len(seqs), width)
 
     def metadata(self, step: StepInputs) -> PagedAttentionMetadata:
         def dev(x, dtype=torch.int64):
@@ -233,6 +237,19 @@ class ModelRunner:
         tensor parallelism does not do in runs)."""
         return self.graphs is not None and n <= self.graphs.max_size
 
+    def more_steps(self, batch: ScheduledBatch, steps: int) -> Iterator[list[int]]:
+        """`steps` more greedy decode steps of the run last started by run_steps (or continued
+        here), for the same batch, whose blocks now hold them too; enqueued behind the run's last
+        step, so the GPU goes on while the host still takes that run's tokens. Single-process only."""
+        if comm.world() > 1:
+            raise RuntimeError("continuing a run of decode steps under tensor parallelism is not supported")
+        tables = self._block_tables(batch.seqs)
+        if self.replays_runs(len(batch.seqs)):
+            return self.graphs.more_steps(tables, steps)
+        step, seqs, tokens = self._eager_last
+        step = dataclasses.replace(self._next_decode_step(step, seqs, tokens), block_tables=tables)
+        return self._eager_steps(step, seqs, steps)
+
     def _eager_steps(self, step: StepInputs, seqs: list[Sequence], steps: int) -> Iterator[list[int]]:
         # all run before any is taken: taking a step may end a sequence and free its blocks
         out = []
@@ -241,6 +258,7 @@ class ModelRunner:
             out.append(logits.argmax(-1).tolist())
             if i + 1 < steps:
                 step = self._next_decode_step(step, seqs, out[-1])
+        self._eager_last = (step, seqs, out[-1])  # where more_steps goes on from
         return iter(out)
 
     def _next_decode_step(self, step: StepInputs, seqs: list[Sequence], tokens: list[int]) -> StepInputs:

@@ -30,11 +30,11 @@ _SOURCES = ("w4a16_gemv.cu", "w4a16_mma.cu")
 _DECLS = (
     "void w4a16_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros, "
     "torch::Tensor out, torch::Tensor partials, torch::Tensor locks, int64_t kx, int64_t group_planes, "
-    "int64_t split, int64_t warps, int64_t cols, int64_t depth, bool pdl);",
+    "int64_t split, int64_t warps, int64_t cols, int64_t depth, int64_t stages, bool wide, bool pdl);",
     "void w4a16_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros, "
     "torch::Tensor out, torch::Tensor partials, torch::Tensor locks, int64_t kx, int64_t group_planes, "
     "int64_t split, int64_t warps, int64_t depth, bool pdl);",
-    "int64_t w4a16_gemv_resident(int64_t warps, int64_t cols, int64_t depth, int64_t blocks_per_split);",
+    "int64_t w4a16_gemv_resident(int64_t warps, int64_t cols, int64_t depth, int64_t stages, bool wide, int64_t blocks_per_split);",
 )
 
 

@@ -279,10 +279,11 @@ class Config(NamedTuple):
     BM: int = 16
     BN: int = 64
     U: int = 1  # blocks (E planes each) per loop iteration; gemvc / mmc: blocks in flight a warp
+    # (stages: Triton's pipeline stages; gemvc: 1 = blocks in flight in registers, >= 2 = cp.async stages)
     split: int = 1  # K splits (second grid axis); > 1: the last split of a tile sums the partials
     warps: int = 4
     stages: int = 3
-    wide: bool = False  # mm: one [E * P, BN] operand and one K = E * P dot per block, not E dots
+    wide: bool = False  # mm: one [E * P, BN] operand and one K = E * P dot per block, not E dots; gemvc: warps along N
 
 
 def _fill_split(programs: int, n_blocks: int, sms: int) -> int:
@@ -312,9 +313,11 @@ _GEMVC_MAX_BLOCKS = 128  # blocks of K per program: their x (256 bytes each) plu
 
 
 def _gemvc_candidates(n: int, nb: int, sms: int, one_wave: bool) -> list[Config]:
-    """Programs of BN = 32, 64 or 128 columns (1, 2 or 4 a lane) and 4, 8 or 16 warps over K, U = 2
-    or 4 blocks in flight a warp (the built pairs: more would spill registers); K split across
-    programs only as far as needed to give every SM one.
+    """Programs of BN = 32, 64 or 128 columns (1, 2 or 4 a lane) and 4, 8 or 16 warps over K; each
+    warp's blocks of codes either held in flight in registers (stages 1: U = 2 or 4 blocks, the
+    built pairs: more would spill) or streamed through `stages` >= 2 shared-memory stages by
+    cp.async (2 or 4 columns a lane); K split across programs only as far as needed to give every
+    SM one.
 
     With `one_wave` (a programmatic dependent launch, batch-1 decode) only grids the GPU holds at
     once are kept: such a kernel's programs request their first weights while the kernel before it
@@ -325,13 +328,27 @@ def _gemvc_candidates(n: int, nb: int, sms: int, one_wave: bool) -> list[Config]
     "Stop 8"). `LOWBIT_GEMV_ONE_WAVE=0` keeps every grid (for that comparison)."""
     out = []
     for bn, depths, warps in ((32, (4, 2), (8, 16)), (64, (2,), (4, 8, 16)), (128, (2,), (4, 8))):
-        tiles = triton.cdiv(n, bn)
-        least = triton.cdiv(nb, _GEMVC_MAX_BLOCKS)
-        splits = dict.fromkeys((least, max(least, min(nb // 2, triton.cdiv(sms, tiles)))))
-        out += [Config("gemvc", 1, bn, u, s, w, 1) for u in depths for w in warps for s in splits]
+        out += [Config("gemvc", 1, bn, u, s, w, 1) for u in depths for w in warps for s in _gemvc_splits(n, nb, bn, sms)]
+    for bn, warps, stages in _GEMVC_ASYNC:
+        out += [Config("gemvc", 1, bn, 1, s, warps, stages) for s in _gemvc_splits(n, nb, bn, sms)]
+    for cols, warps, stages in _GEMVC_WIDE:
+        bn = 32 * cols * warps
+        out += [Config("gemvc", 1, bn, 1, s, warps, stages, wide=True) for s in _gemvc_splits(n, nb, bn, sms)]
     if one_wave and os.environ.get("LOWBIT_GEMV_ONE_WAVE", "1") != "0":
         out = [c for c in out if _gemvc_grid(c, n, nb) <= sms * _gemvc_resident(c, nb)] or out
     return out
+
+
+# the cp.async kernels built in csrc/w4a16_gemv.cu: (BN, warps, shared-memory stages a warp), and
+# those with their warps along N (wide: BN = 32 * columns a lane * warps): (columns a lane, warps, stages)
+_GEMVC_ASYNC = ((64, 4, 4), (64, 4, 6), (64, 8, 2), (64, 8, 4), (128, 4, 2), (128, 4, 4))
+_GEMVC_WIDE = ((2, 4, 4), (2, 4, 8), (2, 8, 4), (4, 4, 4), (4, 8, 2))
+
+
+def _gemvc_splits(n: int, nb: int, bn: int, sms: int) -> list[int]:
+    """The fewest K splits that fit a program's x in shared memory, and enough to give every SM a program."""
+    least = triton.cdiv(nb, _GEMVC_MAX_BLOCKS)
+    return list(dict.fromkeys((least, max(least, min(nb // 2, triton.cdiv(sms, triton.cdiv(n, bn)))))))
 
 
 def _gemvc_grid(cfg: Config, n: int, nb: int) -> int:
@@ -343,7 +360,18 @@ def _gemvc_grid(cfg: Config, n: int, nb: int) -> int:
 @functools.lru_cache(maxsize=None)
 def _gemvc_resident(cfg: Config, nb: int) -> int:
     """gemvc programs of `cfg` one multiprocessor holds at once (registers, threads, staged x)."""
-    return cuda_ext.w4a16_module().w4a16_gemv_resident(cfg.warps, cfg.BN // 32, cfg.U, triton.cdiv(nb, cfg.split))
+    return cuda_ext.w4a16_module().w4a16_gemv_resident(cfg.warps, _gemvc_cols(cfg), cfg.U, _gemvc_stages(cfg),
+                                                        cfg.wide, triton.cdiv(nb, cfg.split))
+
+
+def _gemvc_cols(cfg: Config) -> int:
+    """Output columns a lane of a gemvc config (a wide program's BN spans its warps side by side)."""
+    return cfg.BN // (32 * cfg.warps) if cfg.wide else cfg.BN // 32
+
+
+def _gemvc_stages(cfg: Config) -> int:
+    """csrc's kStages of a gemvc config: 0 for the register-ring kernel (stages 1), else the cp.async stages."""
+    return cfg.stages if cfg.stages >= 2 else 0
 
 
 def _mmc_candidates(m: int, n: int, nb: int, sms: int) -> list[Config]:
@@ -459,7 +487,8 @@ def _launch(cfg: Config, x2: torch.Tensor, w: W4A16Weight, out: torch.Tensor) ->
             num_warps=cfg.warps, num_stages=cfg.stages, USE_PDL=False)
     elif cfg.kind == "gemvc":
         cuda_ext.w4a16_module().w4a16_gemv(x2, qw, s, z, out, ws, w.locks, kx, w.group_planes, split,
-                                           cfg.warps, cfg.BN // 32, cfg.U, use_pdl(x2.device))
+                                           cfg.warps, _gemvc_cols(cfg), cfg.U, _gemvc_stages(cfg), cfg.wide,
+                                           use_pdl(x2.device))
     elif cfg.kind == "mmc":
         # like mmh / mmt, never a programmatic dependent at decode batches (see above)
         cuda_ext.w4a16_module().w4a16_mma(x2, qw, s, z, out, ws, w.locks, kx, w.group_planes, split,

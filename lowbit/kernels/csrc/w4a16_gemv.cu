@@ -88,6 +88,14 @@ template <int kCols>
 struct Block {
   uint32_t w[kRows][kCols];
   half s_a[kCols], s_b[kCols], z_a[kCols], z_b[kCols];
+  __device__ __forceinline__ void words(int i, uint32_t (&dst)[kCols]) const {
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) dst[c] = w[i][c];
+  }
+  __device__ __forceinline__ half scale_a(int c) const { return s_a[c]; }
+  __device__ __forceinline__ half scale_b(int c) const { return s_b[c]; }
+  __device__ __forceinline__ half zero_a(int c) const { return z_a[c]; }
+  __device__ __forceinline__ half zero_b(int c) const { return z_b[c]; }
 };
 
 template <int kCols>
@@ -103,13 +111,16 @@ __device__ __forceinline__ void load_block(Block<kCols>& blk, const uint32_t* qw
   load_halves<kCols>(blk.z_b, zeros + g_b * n + n0);
 }
 
-template <int kCols>
-__device__ __forceinline__ void dot_block(const Block<kCols>& blk, const uint4* x_block, float (&acc)[kCols]) {
+// The one arithmetic of both kernels over one block of a lane's columns, whose codes and scales come
+// from `blk` (registers in the register-ring kernel, a shared-memory stage in the cp.async one):
+// blk.word(i, c), blk.scale_a(c) / scale_b(c) / zero_a(c) / zero_b(c) for the block's two halves.
+template <int kCols, class B>
+__device__ __forceinline__ void dot_block(const B& blk, const uint4* x_block, float (&acc)[kCols]) {
   half2 z1024[kCols], z64_neg[kCols];
   float2 part[kCols];
 #pragma unroll
   for (int c = 0; c < kCols; ++c) {
-    const half2 z = __halves2half2(blk.z_a[c], blk.z_b[c]);
+    const half2 z = __halves2half2(blk.zero_a(c), blk.zero_b(c));
     z1024[c] = __hadd2(z, __float2half2_rn(1024.f));
     z64_neg[c] = __hneg2(__hadd2(z, __float2half2_rn(64.f)));
     part[c] = make_float2(0.f, 0.f);
@@ -122,8 +133,10 @@ __device__ __forceinline__ void dot_block(const Block<kCols>& blk, const uint4* 
 #pragma unroll
     for (int i = i0; i < i0 + kHalfRows; ++i) {
       const uint4 xv = x_block[i];  // the same address in every lane: one broadcast
+      uint32_t w[kCols];
+      blk.words(i, w);
 #pragma unroll
-      for (int c = 0; c < kCols; ++c) h[c] = word_dot(blk.w[i][c], xv, z1024[c], z64_neg[c], h[c]);
+      for (int c = 0; c < kCols; ++c) h[c] = word_dot(w[c], xv, z1024[c], z64_neg[c], h[c]);
     }
 #pragma unroll
     for (int c = 0; c < kCols; ++c) {
@@ -134,52 +147,22 @@ __device__ __forceinline__ void dot_block(const Block<kCols>& blk, const uint4* 
   }
 #pragma unroll
   for (int c = 0; c < kCols; ++c)
-    acc[c] += part[c].x * __half2float(blk.s_a[c]) + part[c].y * __half2float(blk.s_b[c]);
+    acc[c] += part[c].x * __half2float(blk.scale_a(c)) + part[c].y * __half2float(blk.scale_b(c));
 }
 
-// A program owns 32 * kCols output columns (kCols adjacent ones per lane) and the blocks
-// [b_start, b_end) of K; its warps take every kWarps-th block and keep kDepth blocks of codes in
-// flight (a ring of registers, refilled as each block is consumed): a warp's few blocks then cost one
-// memory latency, not one each. The first kDepth blocks are requested before the program waits for
-// the kernel before it (programmatic dependent launch), as they are nothing that kernel writes; the
-// next kernel may launch once the weights are read.
-template <int kWarps, int kCols, int kDepth>
-__global__ void __launch_bounds__(kWarps * 32)
-w4a16_gemv_kernel(const half* __restrict__ x, const uint32_t* __restrict__ qweight,
-                  const half* __restrict__ scales, const half* __restrict__ zeros,
-                  half* __restrict__ out, float* __restrict__ partials, int* __restrict__ locks,
-                  int n, int kx, int n_blocks, int blocks_per_split, int split, int group_planes) {
-  constexpr int kTileCols = 32 * kCols;
-  // x of this program's blocks, x / 16, each row's 8 values in the order of the LOP3 pairs
-  extern __shared__ uint4 x_rows[];
-  __shared__ float warp_sums[kWarps][kTileCols];
-  const int tile = blockIdx.x, s = blockIdx.y;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int n0 = tile * kTileCols + lane * kCols;
-  const bool live = n0 < n;
-  const int b_start = s * blocks_per_split;
-  const int b_end = min(b_start + blocks_per_split, n_blocks);
-  const int b_first = b_start + warp;
-
-  Block<kCols> ring[kDepth];
-#pragma unroll
-  for (int d = 0; d < kDepth; ++d) {
-    const int b = b_first + d * kWarps;
-    if (live && b < b_end) load_block(ring[d], qweight, scales, zeros, b, n, n0, group_planes);
-  }
-
-  // programmatic dependent launch (a no-op without it): wait for the kernel before, which wrote x
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-
+// x of blocks [b_start, b_end) into shared memory, x / 16, each row's 8 values in the order of the
+// LOP3 pairs (read after the PDL wait: on the critical path)
+template <int kWarps>
+__device__ __forceinline__ void stage_x(const half* __restrict__ x, uint4* x_rows, int kx, int b_start, int b_end) {
   half* xh = reinterpret_cast<half*>(x_rows);
   const half inv16 = __float2half(0.0625f);
   const int cols = (b_end - b_start) * 128;
   const half* xs = x + static_cast<size_t>(b_start) * 128;
   const int x_here = min(cols, kx - b_start * 128);  // columns past kx are padding: zero
   if ((kx & 7) == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0) {
-    // kBatch loads of 8 columns a thread in flight before their stores: x is read after the wait,
-    // on the critical path, and one load, one store at a time paid an L2 round trip per 8 columns
-    // (4 in a row for a 4-warp program of K = 4096, 11 for K = 11008)
+    // kBatch loads of 8 columns a thread in flight before their stores: one load, one store at a
+    // time paid an L2 round trip per 8 columns (4 in a row for a 4-warp program of K = 4096, 11
+    // for K = 11008)
     constexpr int kStride = kWarps * 32 * 8, kBatch = 4;
     for (int c0 = threadIdx.x * 8; c0 < cols; c0 += kBatch * kStride) {
       uint4 v[kBatch];
@@ -206,26 +189,16 @@ w4a16_gemv_kernel(const half* __restrict__ x, const uint32_t* __restrict__ qweig
       xh[(((c >> 7) * kRows + i) << 3) + slot] = c < x_here ? __hmul(xs[c], inv16) : __float2half(0.f);
     }
   }
-  __syncthreads();
+}
 
-  float acc[kCols];
-#pragma unroll
-  for (int c = 0; c < kCols; ++c) acc[c] = 0.f;
-  if (live) {
-    for (int base = b_first; base < b_end; base += kDepth * kWarps) {
-#pragma unroll
-      for (int d = 0; d < kDepth; ++d) {
-        const int b = base + d * kWarps;
-        if (b < b_end) {
-          dot_block(ring[d], x_rows + (b - b_start) * kRows, acc);
-          if (b + kDepth * kWarps < b_end)
-            load_block(ring[d], qweight, scales, zeros, b + kDepth * kWarps, n, n0, group_planes);
-        }
-      }
-    }
-  }
-  // the weights are read: let the next kernel launch (and prefetch) while the sums are reduced
-  asm volatile("griddepcontrol.launch_dependents;");
+// The warps' sums of a program's columns added (x 16, undoing the x / 16), then either written or,
+// under split-K, left as this program's fp32 partial; the last program of a column tile to arrive
+// (a counter per tile in `locks`, re-armed by it) sums the partials and writes the output.
+template <int kWarps, int kCols>
+__device__ __forceinline__ void finish(const float (&acc)[kCols], float (*warp_sums)[32 * kCols], half* __restrict__ out,
+                                       float* __restrict__ partials, int* __restrict__ locks, int n, int n0,
+                                       bool live, int tile, int s, int split) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
   for (int c = 0; c < kCols; ++c) warp_sums[warp][lane * kCols + c] = acc[c];
   __syncthreads();
@@ -268,7 +241,298 @@ w4a16_gemv_kernel(const half* __restrict__ x, const uint32_t* __restrict__ qweig
   }
 }
 
+// A program owns 32 * kCols output columns (kCols adjacent ones per lane) and the blocks
+// [b_start, b_end) of K; its warps take every kWarps-th block and keep kDepth blocks of codes in
+// flight (a ring of registers, refilled as each block is consumed): a warp's few blocks then cost one
+// memory latency, not one each. The first kDepth blocks are requested before the program waits for
+// the kernel before it (programmatic dependent launch), as they are nothing that kernel writes; the
+// next kernel may launch once the weights are read.
 template <int kWarps, int kCols, int kDepth>
+__global__ void __launch_bounds__(kWarps * 32)
+w4a16_gemv_kernel(const half* __restrict__ x, const uint32_t* __restrict__ qweight,
+                  const half* __restrict__ scales, const half* __restrict__ zeros,
+                  half* __restrict__ out, float* __restrict__ partials, int* __restrict__ locks,
+                  int n, int kx, int n_blocks, int blocks_per_split, int split, int group_planes) {
+  constexpr int kTileCols = 32 * kCols;
+  // x of this program's blocks, x / 16, each row's 8 values in the order of the LOP3 pairs
+  extern __shared__ uint4 x_rows[];
+  __shared__ float warp_sums[kWarps][kTileCols];
+  const int tile = blockIdx.x, s = blockIdx.y;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int n0 = tile * kTileCols + lane * kCols;
+  const bool live = n0 < n;
+  const int b_start = s * blocks_per_split;
+  const int b_end = min(b_start + blocks_per_split, n_blocks);
+  const int b_first = b_start + warp;
+
+  Block<kCols> ring[kDepth];
+#pragma unroll
+  for (int d = 0; d < kDepth; ++d) {
+    const int b = b_first + d * kWarps;
+    if (live && b < b_end) load_block(ring[d], qweight, scales, zeros, b, n, n0, group_planes);
+  }
+
+  // programmatic dependent launch (a no-op without it): wait for the kernel before, which wrote x
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  stage_x<kWarps>(x, x_rows, kx, b_start, b_end);
+  __syncthreads();
+
+  float acc[kCols];
+#pragma unroll
+  for (int c = 0; c < kCols; ++c) acc[c] = 0.f;
+  if (live) {
+    for (int base = b_first; base < b_end; base += kDepth * kWarps) {
+#pragma unroll
+      for (int d = 0; d < kDepth; ++d) {
+        const int b = base + d * kWarps;
+        if (b < b_end) {
+          dot_block<kCols>(ring[d], x_rows + (b - b_start) * kRows, acc);
+          if (b + kDepth * kWarps < b_end)
+            load_block(ring[d], qweight, scales, zeros, b + kDepth * kWarps, n, n0, group_planes);
+        }
+      }
+    }
+  }
+  // the weights are read: let the next kernel launch (and prefetch) while the sums are reduced
+  asm volatile("griddepcontrol.launch_dependents;");
+  finish<kWarps, kCols>(acc, warp_sums, out, partials, locks, n, n0, live, tile, s, split);
+}
+
+// ---- the cp.async kernel ------------------------------------------------------------------------
+// Nsight Compute on the register-ring kernel (H200, gate_up): 49% of DRAM peak with 10 warps an SM,
+// each holding its blocks of codes in flight in registers (128 a thread), stalled on memory most of
+// the time: too few bytes in flight. Here each warp streams its blocks through a ring of kStages
+// shared-memory stages with cp.async (codes, scales and zeros; no registers held while in flight),
+// so the bytes in flight an SM are bounded by shared memory (~228 KB) instead of registers. A lane
+// copies and later reads only its own columns' words, so its cp.async.wait_group alone makes them
+// visible to it: no barrier in the loop. kCols >= 2 (cp.async moves 4, 8 or 16 bytes).
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+template <int kBytes>
+__device__ __forceinline__ void cp_async(void* dst, const void* src) {
+  if constexpr (kBytes == 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
+  } else {
+    // ("memory": the stage's earlier shared-memory reads stay before its refill)
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(smem_addr(dst)), "l"(src), "n"(kBytes) : "memory");
+  }
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory"); }
+
+// One warp's stage: 16 rows of the warp's 32 * kCols columns of codes, then the scales and zeros of
+// the block's two halves (a lane's kCols values adjacent).
+template <int kCols>
+struct Stage {
+  uint32_t w[kRows][32 * kCols];
+  half sz[4][32 * kCols];  // s_a, s_b, z_a, z_b
+};
+
+// A lane's view of one stage (its own columns)
+template <int kCols>
+struct StageView {
+  const Stage<kCols>* st;
+  int col;  // lane * kCols
+  __device__ __forceinline__ void words(int i, uint32_t (&dst)[kCols]) const {
+    const uint32_t* p = &st->w[i][col];
+    if constexpr (kCols == 4) {
+      const uint4 v = *reinterpret_cast<const uint4*>(p);
+      dst[0] = v.x, dst[1] = v.y, dst[2] = v.z, dst[3] = v.w;
+    } else {
+      const uint2 v = *reinterpret_cast<const uint2*>(p);
+      dst[0] = v.x, dst[1] = v.y;
+    }
+  }
+  __device__ __forceinline__ half scale_a(int c) const { return st->sz[0][col + c]; }
+  __device__ __forceinline__ half scale_b(int c) const { return st->sz[1][col + c]; }
+  __device__ __forceinline__ half zero_a(int c) const { return st->sz[2][col + c]; }
+  __device__ __forceinline__ half zero_b(int c) const { return st->sz[3][col + c]; }
+};
+
+template <int kCols>
+__device__ __forceinline__ void copy_block(Stage<kCols>* st, const uint32_t* qweight, const half* scales,
+                                           const half* zeros, int b, int n, int n0, int group_planes, int col) {
+  const uint32_t* src = qweight + static_cast<size_t>(b) * kRows * n + n0;
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) cp_async<4 * kCols>(&st->w[i][col], src + static_cast<size_t>(i) * n);
+  const size_t g_a = (8 * b) / group_planes, g_b = (8 * b + 4) / group_planes;
+  cp_async<2 * kCols>(&st->sz[0][col], scales + g_a * n + n0);
+  cp_async<2 * kCols>(&st->sz[1][col], scales + g_b * n + n0);
+  cp_async<2 * kCols>(&st->sz[2][col], zeros + g_a * n + n0);
+  cp_async<2 * kCols>(&st->sz[3][col], zeros + g_b * n + n0);
+}
+
+template <int kWarps, int kCols, int kStages>
+__global__ void __launch_bounds__(kWarps * 32)
+w4a16_gemv_async_kernel(const half* __restrict__ x, const uint32_t* __restrict__ qweight,
+                        const half* __restrict__ scales, const half* __restrict__ zeros,
+                        half* __restrict__ out, float* __restrict__ partials, int* __restrict__ locks,
+                        int n, int kx, int n_blocks, int blocks_per_split, int split, int group_planes) {
+  static_assert(kCols == 2 || kCols == 4, "cp.async moves a lane's 4 or 8 codes' words in one copy");
+  constexpr int kTileCols = 32 * kCols;
+  // dynamic shared memory: the warps' rings of stages, then the staged x of this program's blocks
+  extern __shared__ uint4 smem[];
+  __shared__ float warp_sums[kWarps][kTileCols];
+  const int tile = blockIdx.x, s = blockIdx.y;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int n0 = tile * kTileCols + lane * kCols;
+  const bool live = n0 < n;
+  const int b_start = s * blocks_per_split;
+  const int b_end = min(b_start + blocks_per_split, n_blocks);
+  const int b_first = b_start + warp;
+  const int mine = b_first < b_end ? (b_end - b_first + kWarps - 1) / kWarps : 0;  // this warp's blocks
+  Stage<kCols>* ring = reinterpret_cast<Stage<kCols>*>(smem) + warp * kStages;
+  uint4* x_rows = smem + (kWarps * kStages * sizeof(Stage<kCols>)) / sizeof(uint4);
+
+  // the first kStages blocks are requested before the wait (nothing the kernel before writes)
+#pragma unroll
+  for (int d = 0; d < kStages; ++d) {
+    if (live && d < mine) copy_block(ring + d, qweight, scales, zeros, b_first + d * kWarps, n, n0, group_planes, lane * kCols);
+    cp_async_commit();  // one group a stage in every lane, empty or not: the wait counts groups
+  }
+
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  stage_x<kWarps>(x, x_rows, kx, b_start, b_end);
+  __syncthreads();
+
+  float acc[kCols];
+#pragma unroll
+  for (int c = 0; c < kCols; ++c) acc[c] = 0.f;
+  if (live) {
+    for (int j = 0; j < mine; ++j) {
+      const int d = j % kStages, b = b_first + j * kWarps;
+      cp_async_wait<kStages - 1>();  // block j's group is done (kStages + j committed so far)
+      dot_block<kCols>(StageView<kCols>{ring + d, lane * kCols}, x_rows + (b - b_start) * kRows, acc);
+      // the stage's words were read into the sums above: refill it with block j + kStages
+      if (j + kStages < mine) copy_block(ring + d, qweight, scales, zeros, b + kStages * kWarps, n, n0, group_planes, lane * kCols);
+      cp_async_commit();
+    }
+  }
+  asm volatile("griddepcontrol.launch_dependents;");
+  finish<kWarps, kCols>(acc, warp_sums, out, partials, locks, n, n0, live, tile, s, split);
+}
+
+// The same stream with the warps side by side along N instead of along K ("wide"): a program's
+// warps read adjacent 32 * kCols-column pieces of the same rows, so each row of codes is read as
+// kWarps * 128 * kCols contiguous bytes at once (the K-split programs above read 128 * kCols, 512 at
+// most, from rows N * 4 bytes apart), and each warp walks all of the program's blocks of K through its
+// own stages. A warp owns its columns whole: its sums need no reduction across warps, and under
+// split-K each warp's column tile has its own counter.
+template <int kCols>
+__device__ __forceinline__ void finish_warp(const float (&acc)[kCols], half* __restrict__ out, float* __restrict__ partials,
+                                            int* __restrict__ locks, int n, int n0, bool live, int tile, int s,
+                                            int split) {
+  if (tile * 32 * kCols >= n) return;  // a warp past N (the last program's): no columns, no counter
+  const int lane = threadIdx.x & 31;
+  float total[kCols];
+#pragma unroll
+  for (int c = 0; c < kCols; ++c) total[c] = 16.f * acc[c];  // undo the x / 16
+  if (split > 1) {
+    if (live) {
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) partials[static_cast<size_t>(s) * n + n0 + c] = total[c];
+    }
+    __threadfence();
+    __syncwarp();
+    int arrived = 0;
+    if (lane == 0) arrived = atomicAdd(locks + tile, 1);
+    arrived = __shfl_sync(0xffffffffu, arrived, 0);
+    if (arrived != split - 1) return;
+    __threadfence();
+    if (live) {
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) total[c] = 0.f;
+      for (int t = 0; t < split; ++t) {
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) total[c] += __ldcg(partials + static_cast<size_t>(t) * n + n0 + c);
+      }
+    }
+    if (lane == 0) locks[tile] = 0;
+  }
+  if (live) {
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) out[n0 + c] = __float2half_rn(total[c]);
+  }
+}
+
+template <int kWarps, int kCols, int kStages>
+__global__ void __launch_bounds__(kWarps * 32)
+w4a16_gemv_wide_kernel(const half* __restrict__ x, const uint32_t* __restrict__ qweight,
+                       const half* __restrict__ scales, const half* __restrict__ zeros,
+                       half* __restrict__ out, float* __restrict__ partials, int* __restrict__ locks,
+                       int n, int kx, int n_blocks, int blocks_per_split, int split, int group_planes) {
+  static_assert(kCols == 2 || kCols == 4, "cp.async moves a lane's 4 or 8 codes' words in one copy");
+  extern __shared__ uint4 smem[];
+  const int s = blockIdx.y;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int tile = blockIdx.x * kWarps + warp;  // this warp's 32 * kCols columns
+  const int n0 = tile * 32 * kCols + lane * kCols;
+  const bool live = n0 < n;
+  const int b_start = s * blocks_per_split;
+  const int b_end = min(b_start + blocks_per_split, n_blocks);
+  const int mine = max(b_end - b_start, 0);
+  Stage<kCols>* ring = reinterpret_cast<Stage<kCols>*>(smem) + warp * kStages;
+  uint4* x_rows = smem + (kWarps * kStages * sizeof(Stage<kCols>)) / sizeof(uint4);
+
+#pragma unroll
+  for (int d = 0; d < kStages; ++d) {
+    if (live && d < mine) copy_block(ring + d, qweight, scales, zeros, b_start + d, n, n0, group_planes, lane * kCols);
+    cp_async_commit();
+  }
+
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  stage_x<kWarps>(x, x_rows, kx, b_start, b_end);
+  __syncthreads();
+
+  float acc[kCols];
+#pragma unroll
+  for (int c = 0; c < kCols; ++c) acc[c] = 0.f;
+  if (live) {
+    for (int j = 0; j < mine; ++j) {
+      const int d = j % kStages;
+      cp_async_wait<kStages - 1>();
+      dot_block<kCols>(StageView<kCols>{ring + d, lane * kCols}, x_rows + j * kRows, acc);
+      if (j + kStages < mine) copy_block(ring + d, qweight, scales, zeros, b_start + j + kStages, n, n0, group_planes, lane * kCols);
+      cp_async_commit();
+    }
+  }
+  asm volatile("griddepcontrol.launch_dependents;");
+  finish_warp<kCols>(acc, out, partials, locks, n, n0, live, tile, s, split);
+}
+
+// Dynamic shared memory of an async program: its warps' stages and its staged x
+template <int kWarps, int kCols, int kStages>
+constexpr size_t async_smem(int blocks_per_split) {
+  return static_cast<size_t>(kWarps) * kStages * sizeof(Stage<kCols>) + static_cast<size_t>(blocks_per_split) * kRows * sizeof(uint4);
+}
+
+// Opts an async kernel into more than 48 KB of dynamic shared memory (once per kernel and process)
+template <int kWarps, int kCols, int kStages, bool kWide>
+void allow_large_smem() {
+  static bool done = false;
+  if (done) return;
+  const auto kernel = kWide ? w4a16_gemv_wide_kernel<kWarps, kCols, kStages> : w4a16_gemv_async_kernel<kWarps, kCols, kStages>;
+  int dev = 0, optin = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  cudaFuncAttributes attrs;
+  cudaFuncGetAttributes(&attrs, kernel);
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               optin - static_cast<int>(attrs.sharedSizeBytes));
+  TORCH_CHECK(err == cudaSuccess, "w4a16_gemv: shared memory opt-in failed: ", cudaGetErrorString(err));
+  done = true;
+}
+
+// One launch of one of the kernels: kStages == 0 is the register-ring kernel with kDepth blocks in
+// flight a warp, kStages >= 2 the cp.async kernel with that many shared-memory stages a warp (kWide:
+// its warps along N).
+template <int kWarps, int kCols, int kDepth, int kStages, bool kWide>
 void launch(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
             const torch::Tensor& zeros, torch::Tensor& out, torch::Tensor& partials, torch::Tensor& locks,
             int kx, int group_planes, int split, bool pdl) {
@@ -276,72 +540,93 @@ void launch(const torch::Tensor& x, const torch::Tensor& qweight, const torch::T
   const int n_blocks = static_cast<int>(qweight.size(0)) / kRows;
   const int bps = (n_blocks + split - 1) / split;
   split = (n_blocks + bps - 1) / bps;
-  const int tiles = (n + 32 * kCols - 1) / (32 * kCols);
+  const int tiles = (n + 32 * kCols - 1) / (32 * kCols);  // counters: one per program, or per warp if wide
   TORCH_CHECK(split == 1 || (partials.scalar_type() == at::kFloat && partials.numel() >= split * n &&
                              locks.numel() >= tiles),
               "w4a16_gemv: split ", split, " needs fp32 partials [split, N] and ", tiles, " int32 locks");
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(tiles, split);
+  cfg.gridDim = dim3(kWide ? (tiles + kWarps - 1) / kWarps : tiles, split);
   cfg.blockDim = dim3(kWarps * 32);
-  cfg.dynamicSmemBytes = static_cast<size_t>(bps) * kRows * sizeof(uint4);
   cfg.stream = c10::cuda::getCurrentCUDAStream();
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = pdl ? 1 : 0;
-  const cudaError_t err = cudaLaunchKernelEx(
-      &cfg, w4a16_gemv_kernel<kWarps, kCols, kDepth>, reinterpret_cast<const half*>(x.data_ptr()),
-      reinterpret_cast<const uint32_t*>(qweight.data_ptr()), reinterpret_cast<const half*>(scales.data_ptr()),
-      reinterpret_cast<const half*>(zeros.data_ptr()), reinterpret_cast<half*>(out.data_ptr()),
-      split > 1 ? partials.data_ptr<float>() : nullptr, locks.data_ptr<int>(), n, kx, n_blocks, bps, split,
-      group_planes);
+  const half* xp = reinterpret_cast<const half*>(x.data_ptr());
+  const uint32_t* qp = reinterpret_cast<const uint32_t*>(qweight.data_ptr());
+  const half* sp = reinterpret_cast<const half*>(scales.data_ptr());
+  const half* zp = reinterpret_cast<const half*>(zeros.data_ptr());
+  half* op = reinterpret_cast<half*>(out.data_ptr());
+  float* pp = split > 1 ? partials.data_ptr<float>() : nullptr;
+  cudaError_t err;
+  if constexpr (kStages == 0) {
+    cfg.dynamicSmemBytes = static_cast<size_t>(bps) * kRows * sizeof(uint4);
+    err = cudaLaunchKernelEx(&cfg, w4a16_gemv_kernel<kWarps, kCols, kDepth>, xp, qp, sp, zp, op, pp,
+                             locks.data_ptr<int>(), n, kx, n_blocks, bps, split, group_planes);
+  } else {
+    allow_large_smem<kWarps, kCols, kStages, kWide>();
+    cfg.dynamicSmemBytes = async_smem<kWarps, kCols, kStages>(bps);
+    err = cudaLaunchKernelEx(&cfg, kWide ? w4a16_gemv_wide_kernel<kWarps, kCols, kStages> : w4a16_gemv_async_kernel<kWarps, kCols, kStages>,
+                             xp, qp, sp, zp, op, pp, locks.data_ptr<int>(), n, kx, n_blocks, bps, split, group_planes);
+  }
   TORCH_CHECK(err == cudaSuccess, "w4a16_gemv: launch failed: ", cudaGetErrorString(err));
 }
 
-// The built (warps, columns a lane, blocks in flight) triples, each handed to `f` as a Shape: more
-// columns or blocks would spill registers, 16 warps of 4 columns exceed them.
-template <int W, int C, int D>
+// The built (warps, columns a lane, blocks in flight, stages) kernels, each handed to `f` as a Shape.
+// Register ring (stages 0): more columns or blocks would spill registers, 16 warps of 4 columns
+// exceed them. cp.async (stages >= 2): 2 or 4 columns a lane, stages that fit 1-3 programs an SM.
+template <int W, int C, int D, int S, bool Wide = false>
 struct Shape {
-  static constexpr int kWarps = W, kCols = C, kDepth = D;
+  static constexpr int kWarps = W, kCols = C, kDepth = D, kStages = S;
+  static constexpr bool kWide = Wide;
 };
 
-template <int kWarps, class F>
-void with_columns(int cols, int depth, F&& f) {
-  if (cols == 1 && depth == 4) {
-    f(Shape<kWarps, 1, 4>{});
-  } else if (cols == 1 && depth == 2) {
-    f(Shape<kWarps, 1, 2>{});
-  } else if (cols == 2 && depth == 2) {
-    f(Shape<kWarps, 2, 2>{});
-  } else if constexpr (kWarps <= 8) {
-    TORCH_CHECK(cols == 4 && depth == 2, "w4a16_gemv: ", cols, " columns a lane with ", depth, " blocks in flight are not built");
-    f(Shape<kWarps, 4, 2>{});
-  } else {
-    TORCH_CHECK(false, "w4a16_gemv: ", kWarps, " warps of ", cols, " columns a lane, ", depth, " blocks in flight are not built");
-  }
-}
-
 template <class F>
-void with_shape(int64_t warps, int64_t cols, int64_t depth, F&& f) {
-  const int c = static_cast<int>(cols), d = static_cast<int>(depth);
-  switch (warps) {
-    case 4: with_columns<4>(c, d, f); break;
-    case 8: with_columns<8>(c, d, f); break;
-    case 16: with_columns<16>(c, d, f); break;
-    default: TORCH_CHECK(false, "w4a16_gemv: warps must be 4, 8 or 16, got ", warps);
+void with_shape(int64_t warps, int64_t cols, int64_t depth, int64_t stages, bool wide, F&& f) {
+  const auto is = [&](int w, int c, int d, int s) { return warps == w && cols == c && depth == d && stages == s; };
+  if (wide) {  // cp.async, warps along N
+    if (is(4, 2, 1, 4)) return f(Shape<4, 2, 1, 4, true>{});
+    if (is(4, 2, 1, 8)) return f(Shape<4, 2, 1, 8, true>{});
+    if (is(8, 2, 1, 4)) return f(Shape<8, 2, 1, 4, true>{});
+    if (is(4, 4, 1, 4)) return f(Shape<4, 4, 1, 4, true>{});
+    if (is(8, 4, 1, 2)) return f(Shape<8, 4, 1, 2, true>{});
+    TORCH_CHECK(false, "w4a16_gemv: the wide kernel of ", warps, " warps of ", cols, " columns a lane, ", stages,
+                " stages is not built");
   }
+  // register ring
+  if (is(4, 1, 4, 0)) return f(Shape<4, 1, 4, 0>{});
+  if (is(4, 1, 2, 0)) return f(Shape<4, 1, 2, 0>{});
+  if (is(4, 2, 2, 0)) return f(Shape<4, 2, 2, 0>{});
+  if (is(4, 4, 2, 0)) return f(Shape<4, 4, 2, 0>{});
+  if (is(8, 1, 4, 0)) return f(Shape<8, 1, 4, 0>{});
+  if (is(8, 1, 2, 0)) return f(Shape<8, 1, 2, 0>{});
+  if (is(8, 2, 2, 0)) return f(Shape<8, 2, 2, 0>{});
+  if (is(8, 4, 2, 0)) return f(Shape<8, 4, 2, 0>{});
+  if (is(16, 1, 4, 0)) return f(Shape<16, 1, 4, 0>{});
+  if (is(16, 1, 2, 0)) return f(Shape<16, 1, 2, 0>{});
+  if (is(16, 2, 2, 0)) return f(Shape<16, 2, 2, 0>{});
+  // cp.async (depth unused: 1)
+  if (is(4, 2, 1, 4)) return f(Shape<4, 2, 1, 4>{});
+  if (is(4, 2, 1, 6)) return f(Shape<4, 2, 1, 6>{});
+  if (is(8, 2, 1, 2)) return f(Shape<8, 2, 1, 2>{});
+  if (is(8, 2, 1, 4)) return f(Shape<8, 2, 1, 4>{});
+  if (is(4, 4, 1, 2)) return f(Shape<4, 4, 1, 2>{});
+  if (is(4, 4, 1, 4)) return f(Shape<4, 4, 1, 4>{});
+  TORCH_CHECK(false, "w4a16_gemv: ", warps, " warps of ", cols, " columns a lane, ", depth, " blocks in flight, ",
+              stages, " shared-memory stages is not built");
 }
 
 }  // namespace
 
 // out[N] = x[kx] @ dequant(W).T, 32 * cols output columns per program of `warps` warps, each warp
-// with `depth` blocks of codes in flight, K split over
-// `split` programs (fp32 partials [split, N] and int32 zero locks, one per program column; unused
-// when split == 1)
+// with `depth` blocks of codes in flight in registers (stages 0) or streamed through `stages`
+// shared-memory stages by cp.async, K split over `split` programs (fp32 partials [split, N] and
+// int32 zero locks, one per program column; unused when split == 1)
 void w4a16_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros,
                 torch::Tensor out, torch::Tensor partials, torch::Tensor locks, int64_t kx,
-                int64_t group_planes, int64_t split, int64_t warps, int64_t cols, int64_t depth, bool pdl) {
+                int64_t group_planes, int64_t split, int64_t warps, int64_t cols, int64_t depth, int64_t stages,
+                bool wide, bool pdl) {
   TORCH_CHECK(x.is_cuda() && x.scalar_type() == at::kHalf && x.is_contiguous(), "w4a16_gemv: x must be contiguous fp16 on the GPU");
   TORCH_CHECK(qweight.scalar_type() == at::kInt && qweight.is_contiguous() && qweight.size(0) % kRows == 0,
               "w4a16_gemv: qweight must be contiguous int32 [K_pad / 8, N] with K_pad a multiple of 128");
@@ -355,21 +640,30 @@ void w4a16_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, to
   TORCH_CHECK(x.numel() >= kx && kx <= qweight.size(0) * 8, "w4a16_gemv: x is shorter than kx");
   TORCH_CHECK(split >= 1, "w4a16_gemv: split must be >= 1");
   const int k = static_cast<int>(kx), gp = static_cast<int>(group_planes), sp = static_cast<int>(split);
-  with_shape(warps, cols, depth, [&](auto shape) {
+  with_shape(warps, cols, depth, stages, wide, [&](auto shape) {
     using S = decltype(shape);
-    launch<S::kWarps, S::kCols, S::kDepth>(x, qweight, scales, zeros, out, partials, locks, k, gp, sp, pdl);
+    launch<S::kWarps, S::kCols, S::kDepth, S::kStages, S::kWide>(x, qweight, scales, zeros, out, partials, locks, k, gp, sp, pdl);
   });
 }
 
 // Programs of this shape one multiprocessor holds at once, for a K of `blocks_per_split` blocks
-// a program (its staged x is dynamic shared memory): the tuner's measure of one wave.
-int64_t w4a16_gemv_resident(int64_t warps, int64_t cols, int64_t depth, int64_t blocks_per_split) {
+// a program (its staged x, and its stages, are dynamic shared memory): the tuner's measure of one wave.
+int64_t w4a16_gemv_resident(int64_t warps, int64_t cols, int64_t depth, int64_t stages, bool wide,
+                            int64_t blocks_per_split) {
   int resident = 0;
-  with_shape(warps, cols, depth, [&](auto shape) {
+  with_shape(warps, cols, depth, stages, wide, [&](auto shape) {
     using S = decltype(shape);
-    const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &resident, w4a16_gemv_kernel<S::kWarps, S::kCols, S::kDepth>, S::kWarps * 32,
-        static_cast<size_t>(blocks_per_split) * kRows * sizeof(uint4));
+    cudaError_t err;
+    if constexpr (S::kStages == 0) {
+      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+          &resident, w4a16_gemv_kernel<S::kWarps, S::kCols, S::kDepth>, S::kWarps * 32,
+          static_cast<size_t>(blocks_per_split) * kRows * sizeof(uint4));
+    } else {
+      allow_large_smem<S::kWarps, S::kCols, S::kStages, S::kWide>();
+      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+          &resident, S::kWide ? w4a16_gemv_wide_kernel<S::kWarps, S::kCols, S::kStages> : w4a16_gemv_async_kernel<S::kWarps, S::kCols, S::kStages>, S::kWarps * 32,
+          async_smem<S::kWarps, S::kCols, S::kStages>(static_cast<int>(blocks_per_split)));
+    }
     TORCH_CHECK(err == cudaSuccess, "w4a16_gemv_resident: ", cudaGetErrorString(err));
   });
   return resident;
