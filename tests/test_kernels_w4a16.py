@@ -163,9 +163,7 @@ def _cuda_kernels_on() -> bool:
 @pytest.mark.skipif(not _cuda_kernels_on(), reason="the CUDA C++ gemv builds and runs on a Hopper-class GPU")
 @pytest.mark.parametrize("warps,bn,depth,stages", [(4, 128, 2, 1), (4, 64, 2, 1), (8, 128, 2, 1), (8, 32, 4, 1),
                                                    (16, 64, 2, 1), (16, 32, 2, 1), (16, 32, 4, 1),
-                                                   (4, 64, 1, 4), (4, 64, 1, 6), (8, 64, 1, 2), (8, 64, 1, 4),
-                                                   (4, 128, 1, 2), (4, 128, 1, 4), (4, -2, 1, 4), (4, -2, 1, 8),
-                                                   (8, -2, 1, 4), (4, -4, 1, 4), (8, -4, 1, 2)])
+                                                   (8, 64, 1, 2), (4, 128, 1, 2), (8, -4, 1, 2)])
 @pytest.mark.parametrize("n,k,group,split", [(256, 512, 128, 1), (148, 320, 64, 3), (512, 1024, -1, 7),
                                              (4096, 4096, 128, 4), (1024, 11008, 128, 2), (64, 200, -1, 1)])
 def test_w4a16_cuda_gemv(n, k, group, split, warps, bn, depth, stages):

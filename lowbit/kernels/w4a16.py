@@ -341,8 +341,8 @@ def _gemvc_candidates(n: int, nb: int, sms: int, one_wave: bool) -> list[Config]
 
 # the cp.async kernels built in csrc/w4a16_gemv.cu: (BN, warps, shared-memory stages a warp), and
 # those with their warps along N (wide: BN = 32 * columns a lane * warps): (columns a lane, warps, stages)
-_GEMVC_ASYNC = ((64, 4, 4), (64, 4, 6), (64, 8, 2), (64, 8, 4), (128, 4, 2), (128, 4, 4))
-_GEMVC_WIDE = ((2, 4, 4), (2, 4, 8), (2, 8, 4), (4, 4, 4), (4, 8, 2))
+_GEMVC_ASYNC = ((64, 8, 2), (128, 4, 2))
+_GEMVC_WIDE = ((4, 8, 2),)
 
 
 def _gemvc_splits(n: int, nb: int, bn: int, sms: int) -> list[int]:
