@@ -73,13 +73,17 @@ def hand_made(seed, n_linears=5):
 
 @pytest.mark.parametrize("seed", range(8))
 def test_optimizer_is_exact_against_brute_force(seed):
+    """With each linear's error weighted by its numel (no sensitivities) or by a sensitivity."""
     entries = hand_made(seed)
     lo, hi = feasible_bpw(entries)
     numel = sum(e["numel"] for e in entries)
+    rng = random.Random(100 + seed)
+    weights = None if seed % 2 else [rng.random() * 10 for _ in entries]
+    w = weights or [e["numel"] for e in entries]
     for bpw in (lo, lo + (min(hi, 8) - lo) / 3, lo + 2 * (min(hi, 8) - lo) / 3, min(hi, 8)):
-        choice = optimize(entries, bpw)
+        choice = optimize(entries, bpw, weights)
         budget = int(bpw * numel)
-        best = min(sum(e["numel"] * e["options"][p]["err"] for e, p in zip(entries, picks))
+        best = min(sum(wi * e["options"][p]["err"] for wi, e, p in zip(w, entries, picks))
                    for picks in itertools.product(*(range(len(e["options"])) for e in entries))
                    if sum(e["options"][p]["total_bits"] for e, p in zip(entries, picks)) <= budget)
         assert choice.total_bits <= budget
@@ -132,6 +136,36 @@ def test_an_interrupted_measurement_resumes_after_its_last_layer(measured, tmp_p
     with pytest.raises(LowbitError, match="an earlier measurement with calibration"):
         measure_model(tiny_net(), torch.zeros(1, 8, dtype=torch.long), path, "cpu", source="tiny",
                       calibration={**CALIB, "seed": 1}, bits=BITS, group_sizes=GROUPS, log=None)
+
+
+def test_sensitivities_are_measured_after_the_layers_and_resumed(measured, tmp_path):
+    """Every linear gets a finite, positive sensitivity (KL per unit of relative output error), the
+    same when a file without them is resumed; `quantize mixed` refuses a file without them; and
+    they are first order: a quarter of the noise gives about the same KL per unit of it."""
+    import lowbit
+    from lowbit.quant.measurement import write_measurement
+    from lowbit.quant.sensitivity import linear_sensitivities
+
+    data = read_measurement(measured)
+    per = data["sensitivity"]["per_linear"]
+    assert list(per) == [e["key"] for e in data["measurement"]]
+    assert all(0 < v < float("inf") for v in per.values())
+    assert len({round(v, 6) for v in per.values()}) > len(per) // 2  # not one number for all
+    without = {k: v for k, v in data.items() if k != "sensitivity"}
+    path = tmp_path / "m.json"
+    write_measurement(path, without)
+    with pytest.raises(LowbitError, match="measures 2 of 2 layers and no sensitivities; finish it with `lowbit measure`"):
+        lowbit.quantize(tiny_net(), "mixed", tmp_path / "q", tokenizer=ByteTokenizer(), bpw=4.0, measurement=path,
+                        log=None)
+    lines = []
+    again = measure(tiny_net(), path, log=lines.append)
+    assert lines[0].endswith("resuming after layer 2 of 2, at the sensitivities")
+    assert again["sensitivity"]["per_linear"] == pytest.approx(per, rel=1e-6)
+    calib = calibration_set(ByteTokenizer(), CALIB["dataset"], CALIB["samples"], CALIB["seqlen"], CALIB["seed"])
+    keys = list(per)[:7]
+    quarter = linear_sensitivities(tiny_net(), calib, keys, torch.device("cpu"), rel_noise=2.5e-4, log=None)
+    ratios = [quarter[k] / per[k] for k in keys]
+    assert all(0.7 < r < 1.4 for r in ratios), ratios
 
 
 def test_mixed_checkpoint_round_trip(measured, tmp_path):

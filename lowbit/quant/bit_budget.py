@@ -1,12 +1,13 @@
 """Pick one measured option per linear: the least total error within a bit budget.
 
-A multiple-choice knapsack: minimise sum_i numel_i * err_i(o_i) subject to
-sum_i total_bits_i(o_i) <= bpw * sum_i numel_i. Solved by dynamic programming over the budget left
+A multiple-choice knapsack: minimise sum_i w_i * err_i(o_i) subject to
+sum_i total_bits_i(o_i) <= bpw * sum_i numel_i, where w_i is the linear's measured sensitivity (the
+KL a unit of its output error costs: quant/sensitivity.py), so the sum is the predicted KL. Solved by dynamic programming over the budget left
 above the cheapest choice of every linear, in at most MAX_CELLS steps: with fewer bits to spend
 than that the DP is exact; otherwise each option's extra cost is rounded *up* to whole steps (so the
 answer always fits) and a greedy pass then spends what the rounding left, upgrading wherever one
-more option fits and lowers the error most. Errors are weighted by numel so a big matrix's error
-counts for what it is (ExLlamaV2 weights by numel the same way).
+more option fits and lowers the error most. Without weights errors are weighted by numel (what the
+first optimizer did: it gave layer 0's q and o projections 2 bits, and lost to uniform 4-bit).
 """
 from __future__ import annotations
 
@@ -25,16 +26,11 @@ class Choice:
     picks: list[int]  # option index per linear, in the measurement's order
     total_bits: int
     numel: int
-    weighted_err: float  # sum of numel * err over the chosen options
+    weighted_err: float  # sum of weight * err over the chosen options (with sensitivities: the predicted KL)
 
     @property
     def bpw(self) -> float:
         return self.total_bits / self.numel
-
-    @property
-    def mean_err(self) -> float:
-        """The numel-weighted mean relative error: the optimizer's objective, per weight."""
-        return self.weighted_err / self.numel
 
 
 def feasible_bpw(entries: list[dict]) -> tuple[float, float]:
@@ -57,11 +53,13 @@ def check_budget(bpw: float, entries: list[dict], where: str = "--bpw") -> None:
                           f"scales and zeros counted, up to {'8 bits' if top == MAX_BPW else 'the dearest options'})")
 
 
-def optimize(entries: list[dict], bpw: float) -> Choice:
+def optimize(entries: list[dict], bpw: float, weights: list[float] | None = None) -> Choice:
+    """`weights`: per entry, what a unit of its err costs (default: its numel)."""
     check_budget(bpw, entries)
     numel = sum(e["numel"] for e in entries)
+    weights = weights if weights is not None else [e["numel"] for e in entries]
     costs = [np.array([o["total_bits"] for o in e["options"]], dtype=np.int64) for e in entries]
-    values = [np.array([e["numel"] * o["err"] for o in e["options"]], dtype=np.float64) for e in entries]
+    values = [np.array([w * o["err"] for o in e["options"]], dtype=np.float64) for e, w in zip(entries, weights)]
     budget = int(math.floor(bpw * numel))
     base = sum(int(c.min()) for c in costs)
     slack = budget - base  # >= 0 by check_budget

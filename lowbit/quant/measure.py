@@ -7,7 +7,9 @@ and serves any --bpw (the optimizer treats the errors as adding up independently
 from the layer's Hessian H = 2 X^T X / n that GPTQ accumulates anyway:
 ||X (W - Wq)^T||^2 / ||X W^T||^2 = tr(D H D^T) / tr(W H W^T), D = W - Wq, without keeping X.
 After each decoder layer the file is rewritten atomically, so an interrupted run resumes after the
-last finished layer (only the cheap full-precision forward of the finished layers is redone).
+last finished layer (only the cheap full-precision forward of the finished layers is redone). Then
+every linear's sensitivity (quant/sensitivity.py: what a unit of its output error costs the model's
+next-token distributions) is measured once and written too; a file without it resumes there.
 """
 from __future__ import annotations
 
@@ -25,6 +27,11 @@ from lowbit.quant.gptq import HessianAccumulator, gptq_quantize
 from lowbit.quant.measurement import (CANDIDATE_BITS, CANDIDATE_GROUPS, candidates, check_same_model, is_complete,
                                       linear_shapes, new_measurement, option, read_measurement, write_measurement)
 from lowbit.quant.rtn import check_bits
+from lowbit.quant.sensitivity import REL_NOISE, TOKENS, linear_sensitivities
+
+SENSITIVITY_MEANING = ("per linear: the mean KL divergence (nats a token) of the model's next-token distributions when "
+                       "Gaussian noise of relative power relative_noise is added to that linear's output alone, divided "
+                       "by relative_noise; the optimizer minimises sum(sensitivity * err)")
 
 PACK_MULTIPLE = 32  # the GPTQ layout packs 32 codes per `bits` words along in, and zeros along out
 
@@ -117,7 +124,8 @@ def measure_model(net, calib_ids: torch.Tensor, out: str | Path, device, *, sour
                 log(f"{out}: already complete ({data['layers_done']} layers); nothing to measure")
             return data
         if log:
-            log(f"{out}: resuming after layer {data['layers_done']} of {data['model']['num_layers']}")
+            log(f"{out}: resuming after layer {data['layers_done']} of {data['model']['num_layers']}"
+                + ("" if data["layers_done"] < data["model"]["num_layers"] else ", at the sensitivities"))
     else:
         data = new_measurement(net, source, method_meta, calibration)
     t_last = time.time()
@@ -130,8 +138,15 @@ def measure_model(net, calib_ids: torch.Tensor, out: str | Path, device, *, sour
         t_last = time.time()
         write_measurement(out, data)
 
-    method = MeasureMethod(data["layers_done"], bits, group_sizes, gptq, on_layer)
-    quantize_model_layers(net, method, calib_ids, device, log=log)
+    if data["layers_done"] < data["model"]["num_layers"]:
+        method = MeasureMethod(data["layers_done"], bits, group_sizes, gptq, on_layer)
+        quantize_model_layers(net, method, calib_ids, device, log=log)
+    t0 = time.time()
+    per_linear = linear_sensitivities(net, calib_ids, [key for key, _, _ in shapes], device, log=log)
+    data["sensitivity"] = {"meaning": SENSITIVITY_MEANING, "relative_noise": REL_NOISE,
+                           "tokens": int(min(calib_ids.shape[0], max(1, TOKENS // calib_ids.shape[1])) * calib_ids.shape[1]),
+                           "seconds": round(time.time() - t0, 2), "per_linear": per_linear}
+    write_measurement(out, data)
     return data
 
 

@@ -103,7 +103,14 @@ def read_measurement(path: str | Path) -> dict:
 
 
 def is_complete(data: dict) -> bool:
-    return data["layers_done"] == data["model"]["num_layers"]
+    """Every layer measured, and every linear's sensitivity (quant/sensitivity.py) after them."""
+    return data["layers_done"] == data["model"]["num_layers"] and "sensitivity" in data
+
+
+def sensitivity_weights(data: dict) -> list[float]:
+    """Per measured linear, in order: what one unit of its relative output error costs (KL, nats a token)."""
+    per = data["sensitivity"]["per_linear"]
+    return [per[e["key"]] for e in data["measurement"]]
 
 
 def check_same_model(data: dict, shapes: list[tuple[str, int, int]], where: str) -> None:

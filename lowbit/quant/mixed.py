@@ -20,7 +20,7 @@ from lowbit.quant.bit_budget import Choice, check_budget, optimize
 from lowbit.quant.gptq import GPTQMethod
 from lowbit.quant.measure import check_candidates, measure_model, output_error
 from lowbit.quant.measurement import (candidates, check_same_model, is_complete, linear_shapes, option,
-                                      read_measurement)
+                                      read_measurement, sensitivity_weights)
 from lowbit.quant.qweight import QuantizedWeight
 
 # the GPTQ options every mixed run uses, in measurement and quantization alike, so that the measured
@@ -86,8 +86,9 @@ def quantize_mixed(model="default", work_dir: str | Path | None = None, *, bpw: 
     if measurement is not None:  # refuse a bad file or budget before loading anything
         data = read_measurement(measurement)
         if not is_complete(data):
-            raise LowbitError(f"{measurement}: measures {data['layers_done']} of {data['model']['num_layers']} layers; "
-                              f"finish it with `lowbit measure` (it resumes) before quantizing with it")
+            raise LowbitError(f"{measurement}: measures {data['layers_done']} of {data['model']['num_layers']} layers"
+                              f"{'' if 'sensitivity' in data else ' and no sensitivities'}; finish it with `lowbit "
+                              f"measure` (it resumes) before quantizing with it")
         check_budget(bpw, data["measurement"])
     source = "<in memory>" if isinstance(model, nn.Module) else str(model)
     net, tokenizer = model_to_quantize(model, tokenizer, dtype)
@@ -108,21 +109,23 @@ def quantize_mixed(model="default", work_dir: str | Path | None = None, *, bpw: 
         data = measure_model(net, calib, meas_path, dev, source=source, calibration=calibration, log=log,
                              **GPTQ_OPTIONS)
     entries = data["measurement"]
-    choice = optimize(entries, bpw)
+    weights = sensitivity_weights(data)
+    choice = optimize(entries, bpw, weights)
     settings = {e["key"]: (e["options"][p]["qparams"]["bits"], e["options"][p]["qparams"]["group_size"])
                 for e, p in zip(entries, choice.picks)}
     if log:
-        log(f"chose {choice.bpw:.4f} bpw for --bpw {bpw:g} (predicted mean error {choice.mean_err:.4e}): "
+        log(f"chose {choice.bpw:.4f} bpw for --bpw {bpw:g} (predicted KL {choice.weighted_err:.4e} nats a token): "
             f"{choice_summary(entries, choice)}")
     method = MixedGPTQMethod(settings=settings, **GPTQ_OPTIONS)
     qweights, layer_errors = quantize_model_layers(net, method, calib, dev, log=log)
-    numel = {e["key"]: e["numel"] for e in entries}
-    measured = sum(numel[k] * err for k, err in method.errors.items()) / choice.numel
+    weight = {e["key"]: w for e, w in zip(entries, weights)}
+    measured = sum(weight[k] * err for k, err in method.errors.items())
     if log:
-        log(f"mean linear output error: predicted {choice.mean_err:.4e} (each linear alone, full-precision inputs), "
-            f"measured {measured:.4e} (true-sequential, quantized inputs)")
+        log(f"predicted KL: {choice.weighted_err:.4e} from the measurement (each linear alone, full-precision inputs), "
+            f"{measured:.4e} from the errors as quantized (true-sequential, quantized inputs)")
     options = {"method": "mixed", "bpw_target": bpw, "bpw": round(choice.bpw, 4),
-               "predicted_err": float(f"{choice.mean_err:.4e}"), "measured_err": float(f"{measured:.4e}"), **GPTQ_OPTIONS,
+               "predicted_kl": float(f"{choice.weighted_err:.4e}"), "predicted_kl_as_quantized": float(f"{measured:.4e}"),
+               **GPTQ_OPTIONS,
                "calib_dataset": calib_dataset, "calib_samples": calib_samples, "calib_seqlen": calib_seqlen, "seed": seed}
     result = QuantizeResult(net, qweights, layer_errors, time.time() - t0, None,
                             {**options, "settings": settings, "linear_errors": method.errors})

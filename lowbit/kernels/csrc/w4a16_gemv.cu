@@ -194,27 +194,14 @@ __device__ __forceinline__ void stage_x(const half* __restrict__ x, uint4* x_row
   }
 }
 
-// The warps' sums of a program's columns added (x 16, undoing the x / 16), then either written or,
-// under split-K, left as this program's fp32 partial; the last program of a column tile to arrive
-// (a counter per tile in `locks`, re-armed by it) sums the partials and writes the output.
-template <int kWarps, int kCols>
-__device__ __forceinline__ void finish(const float (&acc)[kCols], float (*warp_sums)[32 * kCols], half* __restrict__ out,
-                                       float* __restrict__ partials, int* __restrict__ locks, int n, int n0,
-                                       bool live, int tile, int s, int split) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int c = 0; c < kCols; ++c) warp_sums[warp][lane * kCols + c] = acc[c];
-  __syncthreads();
-  if (warp != 0) return;
-
-  float total[kCols];
-#pragma unroll
-  for (int c = 0; c < kCols; ++c) {
-    float t = 0.f;
-#pragma unroll
-    for (int v = 0; v < kWarps; ++v) t += warp_sums[v][lane * kCols + c];
-    total[c] = 16.f * t;  // undo the x / 16
-  }
+// One warp's column totals out: written, or under split-K left as this program's fp32 partial, where
+// the last program of the column tile to arrive (a counter per tile in `locks`, re-armed by it)
+// sums the partials and writes the output.
+template <int kCols>
+__device__ __forceinline__ void store_columns(float (&total)[kCols], half* __restrict__ out, float* __restrict__ partials,
+                                              int* __restrict__ locks, int n, int n0, bool live, int tile, int s,
+                                              int split) {
+  const int lane = threadIdx.x & 31;
   if (split > 1) {
     float* mine = partials + static_cast<size_t>(s) * n + n0;
     if (live) {
@@ -242,6 +229,28 @@ __device__ __forceinline__ void finish(const float (&acc)[kCols], float (*warp_s
 #pragma unroll
     for (int c = 0; c < kCols; ++c) out[n0 + c] = __float2half_rn(total[c]);
   }
+}
+
+// The warps' sums of a program's columns added (x 16, undoing the x / 16) by warp 0, then stored.
+template <int kWarps, int kCols>
+__device__ __forceinline__ void finish(const float (&acc)[kCols], float (*warp_sums)[32 * kCols], half* __restrict__ out,
+                                       float* __restrict__ partials, int* __restrict__ locks, int n, int n0,
+                                       bool live, int tile, int s, int split) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int c = 0; c < kCols; ++c) warp_sums[warp][lane * kCols + c] = acc[c];
+  __syncthreads();
+  if (warp != 0) return;
+
+  float total[kCols];
+#pragma unroll
+  for (int c = 0; c < kCols; ++c) {
+    float t = 0.f;
+#pragma unroll
+    for (int v = 0; v < kWarps; ++v) t += warp_sums[v][lane * kCols + c];
+    total[c] = 16.f * t;  // undo the x / 16
+  }
+  store_columns<kCols>(total, out, partials, locks, n, n0, live, tile, s, split);
 }
 
 // A program owns 32 * kCols output columns (kCols adjacent ones per lane) and the blocks
@@ -435,36 +444,10 @@ __device__ __forceinline__ void finish_warp(const float (&acc)[kCols], half* __r
                                             int* __restrict__ locks, int n, int n0, bool live, int tile, int s,
                                             int split) {
   if (tile * 32 * kCols >= n) return;  // a warp past N (the last program's): no columns, no counter
-  const int lane = threadIdx.x & 31;
   float total[kCols];
 #pragma unroll
   for (int c = 0; c < kCols; ++c) total[c] = 16.f * acc[c];  // undo the x / 16
-  if (split > 1) {
-    if (live) {
-#pragma unroll
-      for (int c = 0; c < kCols; ++c) partials[static_cast<size_t>(s) * n + n0 + c] = total[c];
-    }
-    __threadfence();
-    __syncwarp();
-    int arrived = 0;
-    if (lane == 0) arrived = atomicAdd(locks + tile, 1);
-    arrived = __shfl_sync(0xffffffffu, arrived, 0);
-    if (arrived != split - 1) return;
-    __threadfence();
-    if (live) {
-#pragma unroll
-      for (int c = 0; c < kCols; ++c) total[c] = 0.f;
-      for (int t = 0; t < split; ++t) {
-#pragma unroll
-        for (int c = 0; c < kCols; ++c) total[c] += __ldcg(partials + static_cast<size_t>(t) * n + n0 + c);
-      }
-    }
-    if (lane == 0) locks[tile] = 0;
-  }
-  if (live) {
-#pragma unroll
-    for (int c = 0; c < kCols; ++c) out[n0 + c] = __float2half_rn(total[c]);
-  }
+  store_columns<kCols>(total, out, partials, locks, n, n0, live, tile, s, split);
 }
 
 template <int kWarps, int kCols, int kStages>
