@@ -2,6 +2,7 @@
 the gap between them (launch latency and idle), for dummy weights of a named shape.
 
     python3 benchmarks/profile_decode.py --arch llama2-7b --w-bits 4 --out $OUT
+    python3 benchmarks/profile_decode.py --arch llama2-7b --w-bits 4 --scheduler-steps 8 16 32 --out $OUT
 
 Runs the engine as `lowbit bench generate` does (one prompt token, greedy), takes the decode step
 time from a plain timed run of `--steps` tokens (CUDA graphs, as served), then records the same

@@ -123,7 +123,10 @@ class DecodeGraphs:
         last step leaves on the GPU (enqueued behind it: the GPU goes on without waiting for the
         host); `block_tables`: the rows' tables, grown for these steps."""
         n, b = self._last_run
-        self.block_tables[:n].copy_(block_tables, non_blocking=True)
+        # from pinned memory: a copy from pageable memory may first wait for the stream (CUDA runtime
+        # API, "API synchronization behavior"), i.e. for the run's last step, the wait this avoids
+        pinned = block_tables.pin_memory() if self.block_tables.is_cuda else block_tables
+        self.block_tables[:n].copy_(pinned, non_blocking=True)
         return self._replays(n, b, steps, advance_first=True)
 
     def _replays(self, n: int, b: int, steps: int, advance_first: bool) -> Iterator[list[int]]:
