@@ -2,8 +2,8 @@
 
 A multiple-choice knapsack: minimise sum_i w_i * err_i(o_i) subject to
 sum_i total_bits_i(o_i) <= bpw * sum_i numel_i, where w_i is the linear's measured sensitivity (the
-KL a unit of its output error costs: quant/sensitivity.py), so the sum is the predicted KL. Solved by dynamic programming over the budget left
-above the cheapest choice of every linear, in at most MAX_CELLS steps: with fewer bits to spend
+KL a unit of its output error costs: quant/sensitivity.py), so the sum is the predicted KL.
+Solved by dynamic programming over the budget left above the cheapest choice of every linear, in at most MAX_CELLS steps: with fewer bits to spend
 than that the DP is exact; otherwise each option's extra cost is rounded *up* to whole steps (so the
 answer always fits) and a greedy pass then spends what the rounding left, upgrading wherever one
 more option fits and lowers the error most. Without weights errors are weighted by numel (what the

@@ -27,7 +27,7 @@ from lowbit.quant.gptq import HessianAccumulator, gptq_quantize
 from lowbit.quant.measurement import (CANDIDATE_BITS, CANDIDATE_GROUPS, candidates, check_same_model, is_complete,
                                       linear_shapes, new_measurement, option, read_measurement, write_measurement)
 from lowbit.quant.rtn import check_bits
-from lowbit.quant.sensitivity import REL_NOISE, TOKENS, linear_sensitivities
+from lowbit.quant.sensitivity import REL_NOISE, linear_sensitivities, sensitivity_windows
 
 SENSITIVITY_MEANING = ("per linear: the mean KL divergence (nats a token) of the model's next-token distributions when "
                        "Gaussian noise of relative power relative_noise is added to that linear's output alone, divided "
@@ -144,7 +144,7 @@ def measure_model(net, calib_ids: torch.Tensor, out: str | Path, device, *, sour
     t0 = time.time()
     per_linear = linear_sensitivities(net, calib_ids, [key for key, _, _ in shapes], device, log=log)
     data["sensitivity"] = {"meaning": SENSITIVITY_MEANING, "relative_noise": REL_NOISE,
-                           "tokens": int(min(calib_ids.shape[0], max(1, TOKENS // calib_ids.shape[1])) * calib_ids.shape[1]),
+                           "tokens": sensitivity_windows(calib_ids).numel(),
                            "seconds": round(time.time() - t0, 2), "per_linear": per_linear}
     write_measurement(out, data)
     return data
