@@ -5,7 +5,7 @@ The measurement's per-linear error (||X (W - Wq)^T||^2 / ||X W^T||^2) says how f
 moves, not what that does to the model: a relative error of 1e-3 in layer 0's q_proj and in a late
 down_proj do not cost the same, and weighting the errors by the matrices' sizes (as the first
 optimizer did) gave layer 0's q and o projections 2 bits and a worse model than uniform 4-bit
-(benchmarks/README.md, "Mixed precision"). Here each linear's sensitivity is measured end to end:
+(README.md, "Mixed precision"). Here each linear's sensitivity is measured end to end:
 the full-precision model runs on calibration tokens with Gaussian noise of relative power `rel_noise`
 added to that one linear's output, and the KL divergence of its next-token distributions from the
 clean model's, divided by rel_noise, is the linear's cost per unit of relative output error. The
