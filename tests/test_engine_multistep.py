@@ -66,8 +66,9 @@ def test_a_stop_on_the_last_step_of_a_run_that_was_continued(smol, prompts):
     tokens = _run(_llm(smol, 1), prompts[:1], [SamplingParams(max_tokens=40, ignore_eos=True)])[0][0].token_ids
     # runs of 4 after the first token: tokens 1-4, 5-8, ...; a token seen first at the end of one
     at = next(i for i in range(8, 40, 4) if tokens[i] not in tokens[:i])
+    # the other request goes on past the stop, for a few runs of its own
     params = [SamplingParams(max_tokens=40, stop_token_ids=[tokens[at]], ignore_eos=True),
-              SamplingParams(max_tokens=40, ignore_eos=True)]
+              SamplingParams(max_tokens=at + 6, ignore_eos=True)]
     one, _ = _run(_llm(smol, 1), prompts[:2], params)
     llm = _llm(smol, 4)
     four, _ = _run(llm, prompts[:2], params)
