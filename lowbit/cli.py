@@ -340,7 +340,8 @@ def measure(model: str = typer.Argument(..., help=MODEL_HELP),
             calib_seqlen: int = typer.Option(2048, "--calib-seqlen", min=1),
             seed: int = typer.Option(0, "--seed", help="which calibration windows are drawn"),
             device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda if present)")):
-    """Measure every linear's GPTQ error at bits 2-8 x group sizes 32/64/128, for `quantize mixed --measurement`."""
+    """Measure every linear's GPTQ error at bits 2-8 x group sizes 32/64/128, then its sensitivity (the KL
+    a unit of its output error costs), for `quantize mixed --measurement`."""
     from lowbit.quant.measure import measure as do_measure
 
     t0 = time.time()
