@@ -40,6 +40,7 @@ def linear_sensitivities(net, calib_ids: torch.Tensor, keys: list[str], device: 
     net.to(device)
     try:
         ref = F.log_softmax(net(ids).float(), -1)
+        ref_p = ref.exp()  # once, not per linear: [tokens, vocab]
         out, t0 = {}, time.time()
         for i, key in enumerate(keys):
             gen = torch.Generator(device=device).manual_seed(seed + i)
@@ -53,7 +54,8 @@ def linear_sensitivities(net, calib_ids: torch.Tensor, keys: list[str], device: 
                 noisy = F.log_softmax(net(ids).float(), -1)
             finally:
                 handle.remove()
-            kl = float((ref.exp() * (ref - noisy)).sum(-1).mean())
+            # (eval/kld.py's kl_full is the same sum; quant/ does not import eval/)
+            kl = float((ref_p * (ref - noisy)).sum(-1).mean())
             out[key] = max(kl, 0.0) / rel_noise
             if log and (i + 1) % 20 == 0:
                 log(f"sensitivity: {i + 1}/{len(keys)} linears ({time.time() - t0:.0f} s)")
