@@ -20,7 +20,7 @@
 // of a column tile to arrive (a counter per tile in `locks`, re-armed by it) sums the fp32 partials.
 // Three kernels share that arithmetic: a warp's blocks of codes held in flight in registers
 // (w4a16_gemv_kernel), or streamed through shared-memory stages by cp.async with the warps along K
-// (w4a16_gemv_async_kernel) or along N (w4a16_gemv_wide_kernel); the tuner times all three.
+// or along N (both w4a16_gemv_async_kernel, the latter with kWide); the tuner times all three.
 #include <cstdint>
 
 #include <cuda_fp16.h>
@@ -383,32 +383,41 @@ __device__ __forceinline__ void copy_block(Stage<kCols>* st, const uint32_t* qwe
   cp_async<2 * kCols>(&st->sz[3][col], zeros + g_b * n + n0);
 }
 
-template <int kWarps, int kCols, int kStages>
+// kWide puts the warps side by side along N instead of along K: a program's warps read adjacent
+// 32 * kCols-column pieces of the same rows, so each row of codes is read as kWarps * 128 * kCols
+// contiguous bytes at once (along K a program reads 128 * kCols, 512 at most, from rows N * 4 bytes
+// apart), and each warp walks all of the program's blocks of K through its own stages. A wide warp
+// owns its columns whole: its sums need no reduction across warps, and under split-K each warp's
+// column tile has its own counter.
+// Measured (H200, bench_gemv.py): wide beats the register ring only on Llama-2-7B's gate_up (16.8
+// against 17.3 us): reading rows in longer contiguous runs was not what the register ring lacked either.
+template <int kWarps, int kCols, int kStages, bool kWide>
 __global__ void __launch_bounds__(kWarps * 32)
 w4a16_gemv_async_kernel(const half* __restrict__ x, const uint32_t* __restrict__ qweight,
                         const half* __restrict__ scales, const half* __restrict__ zeros,
                         half* __restrict__ out, float* __restrict__ partials, int* __restrict__ locks,
                         int n, int kx, int n_blocks, int blocks_per_split, int split, int group_planes) {
   static_assert(kCols == 2 || kCols == 4, "cp.async moves a lane's 4 or 8 codes' words in one copy");
-  constexpr int kTileCols = 32 * kCols;
   // dynamic shared memory: the warps' rings of stages, then the staged x of this program's blocks
   extern __shared__ uint4 smem[];
-  __shared__ float warp_sums[kWarps][kTileCols];
-  const int tile = blockIdx.x, s = blockIdx.y;
+  const int s = blockIdx.y;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int n0 = tile * kTileCols + lane * kCols;
+  const int tile = kWide ? blockIdx.x * kWarps + warp : blockIdx.x;  // whose counter; its 32 * kCols columns
+  const int n0 = tile * 32 * kCols + lane * kCols;
   const bool live = n0 < n;
   const int b_start = s * blocks_per_split;
   const int b_end = min(b_start + blocks_per_split, n_blocks);
-  const int b_first = b_start + warp;
-  const int mine = b_first < b_end ? (b_end - b_first + kWarps - 1) / kWarps : 0;  // this warp's blocks
+  // this warp's blocks: every one of the program's (wide), or every kWarps-th from its own
+  constexpr int kStride = kWide ? 1 : kWarps;
+  const int b_first = kWide ? b_start : b_start + warp;
+  const int mine = b_first < b_end ? (b_end - b_first + kStride - 1) / kStride : 0;
   Stage<kCols>* ring = reinterpret_cast<Stage<kCols>*>(smem) + warp * kStages;
   uint4* x_rows = smem + (kWarps * kStages * sizeof(Stage<kCols>)) / sizeof(uint4);
 
   // the first kStages blocks are requested before the wait (nothing the kernel before writes)
 #pragma unroll
   for (int d = 0; d < kStages; ++d) {
-    if (live && d < mine) copy_block(ring + d, qweight, scales, zeros, b_first + d * kWarps, n, n0, group_planes, lane * kCols);
+    if (live && d < mine) copy_block(ring + d, qweight, scales, zeros, b_first + d * kStride, n, n0, group_planes, lane * kCols);
     cp_async_commit();  // one group a stage in every lane, empty or not: the wait counts groups
   }
 
@@ -421,80 +430,25 @@ w4a16_gemv_async_kernel(const half* __restrict__ x, const uint32_t* __restrict__
   for (int c = 0; c < kCols; ++c) acc[c] = 0.f;
   if (live) {
     for (int j = 0; j < mine; ++j) {
-      const int d = j % kStages, b = b_first + j * kWarps;
+      const int d = j % kStages, b = b_first + j * kStride;
       cp_async_wait<kStages - 1>();  // block j's group is done (kStages + j committed so far)
       dot_block<kCols>(StageView<kCols>{ring + d, lane * kCols}, x_rows + (b - b_start) * kRows, acc);
       // the stage's words were read into the sums above: refill it with block j + kStages
-      if (j + kStages < mine) copy_block(ring + d, qweight, scales, zeros, b + kStages * kWarps, n, n0, group_planes, lane * kCols);
+      if (j + kStages < mine) copy_block(ring + d, qweight, scales, zeros, b + kStages * kStride, n, n0, group_planes, lane * kCols);
       cp_async_commit();
     }
   }
   asm volatile("griddepcontrol.launch_dependents;");
-  finish<kWarps, kCols>(acc, warp_sums, out, partials, locks, n, n0, live, tile, s, split);
-}
-
-// The same stream with the warps side by side along N instead of along K ("wide"): a program's
-// warps read adjacent 32 * kCols-column pieces of the same rows, so each row of codes is read as
-// kWarps * 128 * kCols contiguous bytes at once (the K-split programs above read 128 * kCols, 512 at
-// most, from rows N * 4 bytes apart), and each warp walks all of the program's blocks of K through its
-// own stages. A warp owns its columns whole: its sums need no reduction across warps, and under
-// split-K each warp's column tile has its own counter.
-// Measured (H200, bench_gemv.py): it beats the register ring only on Llama-2-7B's gate_up (16.8
-// against 17.3 us): reading rows in longer contiguous runs was not what the register ring lacked either.
-template <int kCols>
-__device__ __forceinline__ void finish_warp(const float (&acc)[kCols], half* __restrict__ out, float* __restrict__ partials,
-                                            int* __restrict__ locks, int n, int n0, bool live, int tile, int s,
-                                            int split) {
-  if (tile * 32 * kCols >= n) return;  // a warp past N (the last program's): no columns, no counter
-  float total[kCols];
+  if constexpr (kWide) {
+    if (tile * 32 * kCols >= n) return;  // a warp past N (the last program's): no columns, no counter
+    float total[kCols];
 #pragma unroll
-  for (int c = 0; c < kCols; ++c) total[c] = 16.f * acc[c];  // undo the x / 16
-  store_columns<kCols>(total, out, partials, locks, n, n0, live, tile, s, split);
-}
-
-template <int kWarps, int kCols, int kStages>
-__global__ void __launch_bounds__(kWarps * 32)
-w4a16_gemv_wide_kernel(const half* __restrict__ x, const uint32_t* __restrict__ qweight,
-                       const half* __restrict__ scales, const half* __restrict__ zeros,
-                       half* __restrict__ out, float* __restrict__ partials, int* __restrict__ locks,
-                       int n, int kx, int n_blocks, int blocks_per_split, int split, int group_planes) {
-  static_assert(kCols == 2 || kCols == 4, "cp.async moves a lane's 4 or 8 codes' words in one copy");
-  extern __shared__ uint4 smem[];
-  const int s = blockIdx.y;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int tile = blockIdx.x * kWarps + warp;  // this warp's 32 * kCols columns
-  const int n0 = tile * 32 * kCols + lane * kCols;
-  const bool live = n0 < n;
-  const int b_start = s * blocks_per_split;
-  const int b_end = min(b_start + blocks_per_split, n_blocks);
-  const int mine = max(b_end - b_start, 0);
-  Stage<kCols>* ring = reinterpret_cast<Stage<kCols>*>(smem) + warp * kStages;
-  uint4* x_rows = smem + (kWarps * kStages * sizeof(Stage<kCols>)) / sizeof(uint4);
-
-#pragma unroll
-  for (int d = 0; d < kStages; ++d) {
-    if (live && d < mine) copy_block(ring + d, qweight, scales, zeros, b_start + d, n, n0, group_planes, lane * kCols);
-    cp_async_commit();
+    for (int c = 0; c < kCols; ++c) total[c] = 16.f * acc[c];  // undo the x / 16
+    store_columns<kCols>(total, out, partials, locks, n, n0, live, tile, s, split);
+  } else {
+    __shared__ float warp_sums[kWarps][32 * kCols];
+    finish<kWarps, kCols>(acc, warp_sums, out, partials, locks, n, n0, live, tile, s, split);
   }
-
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-  stage_x<kWarps>(x, x_rows, kx, b_start, b_end);
-  __syncthreads();
-
-  float acc[kCols];
-#pragma unroll
-  for (int c = 0; c < kCols; ++c) acc[c] = 0.f;
-  if (live) {
-    for (int j = 0; j < mine; ++j) {
-      const int d = j % kStages;
-      cp_async_wait<kStages - 1>();
-      dot_block<kCols>(StageView<kCols>{ring + d, lane * kCols}, x_rows + j * kRows, acc);
-      if (j + kStages < mine) copy_block(ring + d, qweight, scales, zeros, b_start + j + kStages, n, n0, group_planes, lane * kCols);
-      cp_async_commit();
-    }
-  }
-  asm volatile("griddepcontrol.launch_dependents;");
-  finish_warp<kCols>(acc, out, partials, locks, n, n0, live, tile, s, split);
 }
 
 // Dynamic shared memory of an async program: its warps' stages and its staged x
@@ -508,7 +462,7 @@ template <int kWarps, int kCols, int kStages, bool kWide>
 void allow_large_smem() {
   static bool done = false;
   if (done) return;
-  const auto kernel = kWide ? w4a16_gemv_wide_kernel<kWarps, kCols, kStages> : w4a16_gemv_async_kernel<kWarps, kCols, kStages>;
+  const auto kernel = w4a16_gemv_async_kernel<kWarps, kCols, kStages, kWide>;
   int dev = 0, optin = 0;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
@@ -558,7 +512,7 @@ void launch(const torch::Tensor& x, const torch::Tensor& qweight, const torch::T
   } else {
     allow_large_smem<kWarps, kCols, kStages, kWide>();
     cfg.dynamicSmemBytes = async_smem<kWarps, kCols, kStages>(bps);
-    err = cudaLaunchKernelEx(&cfg, kWide ? w4a16_gemv_wide_kernel<kWarps, kCols, kStages> : w4a16_gemv_async_kernel<kWarps, kCols, kStages>,
+    err = cudaLaunchKernelEx(&cfg, w4a16_gemv_async_kernel<kWarps, kCols, kStages, kWide>,
                              xp, qp, sp, zp, op, pp, locks.data_ptr<int>(), n, kx, n_blocks, bps, split, group_planes);
   }
   TORCH_CHECK(err == cudaSuccess, "w4a16_gemv: launch failed: ", cudaGetErrorString(err));
@@ -647,7 +601,7 @@ int64_t w4a16_gemv_resident(int64_t warps, int64_t cols, int64_t depth, int64_t 
     } else {
       allow_large_smem<S::kWarps, S::kCols, S::kStages, S::kWide>();
       err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-          &resident, S::kWide ? w4a16_gemv_wide_kernel<S::kWarps, S::kCols, S::kStages> : w4a16_gemv_async_kernel<S::kWarps, S::kCols, S::kStages>, S::kWarps * 32,
+          &resident, w4a16_gemv_async_kernel<S::kWarps, S::kCols, S::kStages, S::kWide>, S::kWarps * 32,
           async_smem<S::kWarps, S::kCols, S::kStages>(static_cast<int>(blocks_per_split)));
     }
     TORCH_CHECK(err == cudaSuccess, "w4a16_gemv_resident: ", cudaGetErrorString(err));
