@@ -30,10 +30,10 @@ CONFIGS = {
     "down_async": (11008, 4096, 8, 2, 1, 2, 2),
 }
 # the tensor-core kernel at M > 1: (K, N, warps, blocks in flight a warp, K split)
-MMA_CONFIGS = {
-    "gate_up_w8": (4096, 22016, 8, 4, 3),
-    "gate_up_w4": (4096, 22016, 4, 2, 1),
-    "down_w8": (11008, 4096, 8, 2, 8),
+MMA_CONFIGS = {  # the tuner's mmc candidates of 8 warps, 2 blocks in flight, on the H200
+    "qkv": (4096, 12288, 8, 2, 5),
+    "gate_up": (4096, 22016, 8, 2, 3),
+    "down": (11008, 4096, 8, 2, 16),
 }
 
 

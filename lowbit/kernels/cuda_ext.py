@@ -48,6 +48,7 @@ def w4a16_module():
     try:
         return load_inline(name="lowbit_w4a16_cuda", cpp_sources=["\n".join(_DECLS)], cuda_sources=[source],
                            functions=["w4a16_gemv", "w4a16_mma", "w4a16_gemv_resident"],
+                           extra_include_paths=[str(_CSRC)],  # their shared header (w4a16_groups.cuh)
                            extra_cuda_cflags=["-O3", "-gencode=arch=compute_90,code=sm_90"],
                            verbose=os.environ.get("LOWBIT_CUDA_VERBOSE") == "1")
     except Exception as exc:

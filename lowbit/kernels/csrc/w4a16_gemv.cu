@@ -28,7 +28,11 @@
 #include <torch/extension.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "w4a16_groups.cuh"
+
 namespace {
+
+using w4a16_groups::Groups;
 
 constexpr int kRows = 16;  // rows of one block of codes (128 columns of K)
 // Rows whose products a lane sums in fp16 before one conversion to fp32: the conversion and the two
@@ -103,11 +107,11 @@ struct Block {
 
 template <int kCols>
 __device__ __forceinline__ void load_block(Block<kCols>& blk, const uint32_t* qweight, const half* scales,
-                                           const half* zeros, int b, int n, int n0, int group_planes) {
+                                           const half* zeros, int b, int n, int n0, const Groups& groups) {
   const uint32_t* src = qweight + static_cast<size_t>(b) * kRows * n + n0;
 #pragma unroll
   for (int i = 0; i < kRows; ++i) load_words<kCols>(blk.w[i], src + static_cast<size_t>(i) * n);
-  const size_t g_a = (8 * b) / group_planes, g_b = (8 * b + 4) / group_planes;  // the halves' groups
+  const size_t g_a = groups.of(2 * b), g_b = groups.of(2 * b + 1);  // the halves' groups
   load_halves<kCols>(blk.s_a, scales + g_a * n + n0);
   load_halves<kCols>(blk.s_b, scales + g_b * n + n0);
   load_halves<kCols>(blk.z_a, zeros + g_a * n + n0);
@@ -264,7 +268,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 w4a16_gemv_kernel(const half* __restrict__ x, const uint32_t* __restrict__ qweight,
                   const half* __restrict__ scales, const half* __restrict__ zeros,
                   half* __restrict__ out, float* __restrict__ partials, int* __restrict__ locks,
-                  int n, int kx, int n_blocks, int blocks_per_split, int split, int group_planes) {
+                  int n, int kx, int n_blocks, int blocks_per_split, int split, Groups groups) {
   constexpr int kTileCols = 32 * kCols;
   // x of this program's blocks, x / 16, each row's 8 values in the order of the LOP3 pairs
   extern __shared__ uint4 x_rows[];
@@ -281,7 +285,7 @@ w4a16_gemv_kernel(const half* __restrict__ x, const uint32_t* __restrict__ qweig
 #pragma unroll
   for (int d = 0; d < kDepth; ++d) {
     const int b = b_first + d * kWarps;
-    if (live && b < b_end) load_block(ring[d], qweight, scales, zeros, b, n, n0, group_planes);
+    if (live && b < b_end) load_block(ring[d], qweight, scales, zeros, b, n, n0, groups);
   }
 
   // programmatic dependent launch (a no-op without it): wait for the kernel before, which wrote x
@@ -300,7 +304,7 @@ w4a16_gemv_kernel(const half* __restrict__ x, const uint32_t* __restrict__ qweig
         if (b < b_end) {
           dot_block<kCols>(ring[d], x_rows + (b - b_start) * kRows, acc);
           if (b + kDepth * kWarps < b_end)
-            load_block(ring[d], qweight, scales, zeros, b + kDepth * kWarps, n, n0, group_planes);
+            load_block(ring[d], qweight, scales, zeros, b + kDepth * kWarps, n, n0, groups);
         }
       }
     }
@@ -372,11 +376,11 @@ struct StageView {
 
 template <int kCols>
 __device__ __forceinline__ void copy_block(Stage<kCols>* st, const uint32_t* qweight, const half* scales,
-                                           const half* zeros, int b, int n, int n0, int group_planes, int col) {
+                                           const half* zeros, int b, int n, int n0, const Groups& groups, int col) {
   const uint32_t* src = qweight + static_cast<size_t>(b) * kRows * n + n0;
 #pragma unroll
   for (int i = 0; i < kRows; ++i) cp_async<4 * kCols>(&st->w[i][col], src + static_cast<size_t>(i) * n);
-  const size_t g_a = (8 * b) / group_planes, g_b = (8 * b + 4) / group_planes;
+  const size_t g_a = groups.of(2 * b), g_b = groups.of(2 * b + 1);
   cp_async<2 * kCols>(&st->sz[0][col], scales + g_a * n + n0);
   cp_async<2 * kCols>(&st->sz[1][col], scales + g_b * n + n0);
   cp_async<2 * kCols>(&st->sz[2][col], zeros + g_a * n + n0);
@@ -396,7 +400,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 w4a16_gemv_async_kernel(const half* __restrict__ x, const uint32_t* __restrict__ qweight,
                         const half* __restrict__ scales, const half* __restrict__ zeros,
                         half* __restrict__ out, float* __restrict__ partials, int* __restrict__ locks,
-                        int n, int kx, int n_blocks, int blocks_per_split, int split, int group_planes) {
+                        int n, int kx, int n_blocks, int blocks_per_split, int split, Groups groups) {
   static_assert(kCols == 2 || kCols == 4, "cp.async moves a lane's 4 or 8 codes' words in one copy");
   // dynamic shared memory: the warps' rings of stages, then the staged x of this program's blocks
   extern __shared__ uint4 smem[];
@@ -417,7 +421,7 @@ w4a16_gemv_async_kernel(const half* __restrict__ x, const uint32_t* __restrict__
   // the first kStages blocks are requested before the wait (nothing the kernel before writes)
 #pragma unroll
   for (int d = 0; d < kStages; ++d) {
-    if (live && d < mine) copy_block(ring + d, qweight, scales, zeros, b_first + d * kStride, n, n0, group_planes, lane * kCols);
+    if (live && d < mine) copy_block(ring + d, qweight, scales, zeros, b_first + d * kStride, n, n0, groups, lane * kCols);
     cp_async_commit();  // one group a stage in every lane, empty or not: the wait counts groups
   }
 
@@ -434,7 +438,7 @@ w4a16_gemv_async_kernel(const half* __restrict__ x, const uint32_t* __restrict__
       cp_async_wait<kStages - 1>();  // block j's group is done (kStages + j committed so far)
       dot_block<kCols>(StageView<kCols>{ring + d, lane * kCols}, x_rows + (b - b_start) * kRows, acc);
       // the stage's words were read into the sums above: refill it with block j + kStages
-      if (j + kStages < mine) copy_block(ring + d, qweight, scales, zeros, b + kStages * kStride, n, n0, group_planes, lane * kCols);
+      if (j + kStages < mine) copy_block(ring + d, qweight, scales, zeros, b + kStages * kStride, n, n0, groups, lane * kCols);
       cp_async_commit();
     }
   }
@@ -504,16 +508,17 @@ void launch(const torch::Tensor& x, const torch::Tensor& qweight, const torch::T
   const half* zp = reinterpret_cast<const half*>(zeros.data_ptr());
   half* op = reinterpret_cast<half*>(out.data_ptr());
   float* pp = split > 1 ? partials.data_ptr<float>() : nullptr;
+  const Groups groups = w4a16_groups::make_groups(group_planes, static_cast<int>(scales.size(0)));
   cudaError_t err;
   if constexpr (kStages == 0) {
     cfg.dynamicSmemBytes = static_cast<size_t>(bps) * kRows * sizeof(uint4);
     err = cudaLaunchKernelEx(&cfg, w4a16_gemv_kernel<kWarps, kCols, kDepth>, xp, qp, sp, zp, op, pp,
-                             locks.data_ptr<int>(), n, kx, n_blocks, bps, split, group_planes);
+                             locks.data_ptr<int>(), n, kx, n_blocks, bps, split, groups);
   } else {
     allow_large_smem<kWarps, kCols, kStages, kWide>();
     cfg.dynamicSmemBytes = async_smem<kWarps, kCols, kStages>(bps);
     err = cudaLaunchKernelEx(&cfg, w4a16_gemv_async_kernel<kWarps, kCols, kStages, kWide>,
-                             xp, qp, sp, zp, op, pp, locks.data_ptr<int>(), n, kx, n_blocks, bps, split, group_planes);
+                             xp, qp, sp, zp, op, pp, locks.data_ptr<int>(), n, kx, n_blocks, bps, split, groups);
   }
   TORCH_CHECK(err == cudaSuccess, "w4a16_gemv: launch failed: ", cudaGetErrorString(err));
 }

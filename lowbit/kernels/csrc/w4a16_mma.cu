@@ -26,7 +26,11 @@
 #include <torch/extension.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "w4a16_groups.cuh"
+
 namespace w4a16_mma_impl {
+
+using w4a16_groups::Groups;
 
 constexpr int kRows = 16;  // rows of one block of codes (128 columns of K)
 
@@ -55,22 +59,32 @@ struct Block {
   uint2 s[2], z[2];
 };
 
-__device__ __forceinline__ void load_block(Block& blk, const uint32_t* qweight, const half* scales, const half* zeros,
-                                           int b, int n, int n0, int t, int group_planes, int n_groups) {
-  const uint32_t* src = qweight + static_cast<size_t>(b) * kRows * n + n0;
-  const int rows[4] = {2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9};
+// Where a lane reads: its row 2t of block 0 and the scales / zeros of its 4 columns (row 0), set up
+// once, so that a block's loads cost one multiply-add for the block's words and one per half for
+// its group's row (the per-block index arithmetic had been ~110 instructions, a quarter of a block's)
+struct LaneWeights {
+  const uint32_t* words;  // qweight + (2t) * N + n0
+  const half* scales;     // scales + n0
+  const half* zeros;      // zeros + n0
+  size_t block_words;     // 16 * N: one block of codes
+  int n;
+  Groups groups;
+};
+
+__device__ __forceinline__ void load_block(Block& blk, const LaneWeights& lw, int b) {
+  const uint32_t* src = lw.words + b * lw.block_words;
+  const size_t rows[4] = {0, static_cast<size_t>(lw.n), 8 * static_cast<size_t>(lw.n), 9 * static_cast<size_t>(lw.n)};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const uint32_t* p = src + static_cast<size_t>(rows[i]) * n;
+    const uint32_t* p = src + rows[i];
     asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
                  : "=r"(blk.r[i].x), "=r"(blk.r[i].y), "=r"(blk.r[i].z), "=r"(blk.r[i].w) : "l"(p));
   }
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    // padding planes past the last group hold x = 0: the last group's finite scale serves
-    const size_t g = min((8 * b + 4 * h) / group_planes, n_groups - 1);
-    blk.s[h] = __ldg(reinterpret_cast<const uint2*>(scales + g * n + n0));
-    blk.z[h] = __ldg(reinterpret_cast<const uint2*>(zeros + g * n + n0));
+    const size_t g = lw.groups.of(2 * b + h);
+    blk.s[h] = __ldg(reinterpret_cast<const uint2*>(lw.scales + g * lw.n));
+    blk.z[h] = __ldg(reinterpret_cast<const uint2*>(lw.zeros + g * lw.n));
   }
 }
 
@@ -142,8 +156,9 @@ template <int kMT>
 __device__ __forceinline__ void stage_x(half* xs, int stride, const half* x, int ldx, int m, int kx, int b0, int nblk,
                                         bool vec) {
   const int per_row = nblk * 16;  // 8-column pieces a row
-  for (int idx = threadIdx.x; idx < kMT * 16 * per_row; idx += blockDim.x) {
-    const int row = idx / per_row, piece = idx - row * per_row;
+  // the thread's pieces idx = threadIdx.x + i * blockDim.x as (row, piece), stepped without dividing
+  int row = threadIdx.x / per_row, piece = threadIdx.x - row * per_row;
+  while (row < kMT * 16) {
     const int k = b0 * 128 + piece * 8;
     half* dst = xs + row * stride + piece * 8;
     const half* src = x + static_cast<size_t>(row) * ldx + k;
@@ -160,6 +175,7 @@ __device__ __forceinline__ void stage_x(half* xs, int stride, const half* x, int
       }
       *reinterpret_cast<uint4*>(dst) = v;
     }
+    for (piece += blockDim.x; piece >= per_row; piece -= per_row) ++row;
   }
   asm volatile("cp.async.commit_group;" ::: "memory");
 }
@@ -186,7 +202,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 w4a16_mma_kernel(const half* __restrict__ x, const uint32_t* __restrict__ qweight, const half* __restrict__ scales,
                  const half* __restrict__ zeros, half* __restrict__ out, float* __restrict__ partials,
                  int* __restrict__ locks, int m, int n, int kx, int ldx, int n_blocks, int blocks_per_split, int split,
-                 int chunk, int group_planes, int n_groups, bool vec) {
+                 int chunk, Groups groups, bool vec) {
   extern __shared__ uint4 smem[];
   half* xs = reinterpret_cast<half*>(smem);
   const int stride = chunk * 128 + 8;  // halves a row: + 16 bytes so ldmatrix's 8 rows hit 8 bank groups
@@ -208,10 +224,12 @@ w4a16_mma_kernel(const half* __restrict__ x, const uint32_t* __restrict__ qweigh
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[mt][u][e] = 0.f;
 
+  const LaneWeights lw{qweight + static_cast<size_t>(2 * t) * n + n0, scales + n0, zeros + n0,
+                       static_cast<size_t>(kRows) * n, n, groups};
   Block ring[kDepth];
 #pragma unroll
   for (int d = 0; d < kDepth; ++d)
-    if (d < nblk) load_block(ring[d], qweight, scales, zeros, b_start + d, n, n0, t, group_planes, n_groups);
+    if (d < nblk) load_block(ring[d], lw, b_start + d);
 
   // programmatic dependent launch (a no-op without it): the weights above are nothing the kernel
   // before writes; x is
@@ -221,13 +239,13 @@ w4a16_mma_kernel(const half* __restrict__ x, const uint32_t* __restrict__ qweigh
   const int buf_halves = kMT * 16 * stride;
   const int n_chunks = (nblk + chunk - 1) / chunk;
   stage_x<kMT>(xs, stride, x, ldx, m, kx, b_start, min(chunk, nblk), vec);
+  int c = 0, in_chunk = 0;  // block lb's chunk and its place there (counted: no division a block)
   for (int base = 0; base < nblk; base += kDepth) {
 #pragma unroll
     for (int d = 0; d < kDepth; ++d) {
       const int lb = base + d;
       if (lb < nblk) {
-        const int c = lb / chunk;
-        if (lb % chunk == 0) {  // the same for every warp: the barriers are uniform
+        if (in_chunk == 0) {  // the same for every warp: the barriers are uniform
           __syncthreads();      // every warp is done with chunk c - 1, whose buffer chunk c + 1 takes
           if (c + 1 < n_chunks) {
             const int next = (c + 1) * chunk;
@@ -239,9 +257,9 @@ w4a16_mma_kernel(const half* __restrict__ x, const uint32_t* __restrict__ qweigh
           asm volatile("cp.async.wait_group 1;" ::: "memory");  // chunk c has landed (this thread's part)
           __syncthreads();                                      // (everyone's)
         }
-        mma_block<kMT>(ring[d], xs + (c & 1) * buf_halves + (lb - c * chunk) * 128, stride, lane, acc);
-        if (lb + kDepth < nblk)
-          load_block(ring[d], qweight, scales, zeros, b_start + lb + kDepth, n, n0, t, group_planes, n_groups);
+        mma_block<kMT>(ring[d], xs + (c & 1) * buf_halves + in_chunk * 128, stride, lane, acc);
+        if (lb + kDepth < nblk) load_block(ring[d], lw, b_start + lb + kDepth);
+        if (++in_chunk == chunk) in_chunk = 0, ++c;
       }
     }
   }
@@ -346,8 +364,8 @@ void launch(const torch::Tensor& x, const torch::Tensor& qweight, const torch::T
       &cfg, kernel, reinterpret_cast<const half*>(x.data_ptr()), reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
       reinterpret_cast<const half*>(scales.data_ptr()), reinterpret_cast<const half*>(zeros.data_ptr()),
       reinterpret_cast<half*>(out.data_ptr()), split > 1 ? partials.data_ptr<float>() : nullptr, locks.data_ptr<int>(),
-      m, n, kx, static_cast<int>(x.stride(0)), n_blocks, bps, split, chunk, group_planes,
-      static_cast<int>(scales.size(0)), vec);
+      m, n, kx, static_cast<int>(x.stride(0)), n_blocks, bps, split, chunk,
+      w4a16_groups::make_groups(group_planes, static_cast<int>(scales.size(0))), vec);
   TORCH_CHECK(err == cudaSuccess, "w4a16_mma: launch failed: ", cudaGetErrorString(err));
 }
 
