@@ -15,6 +15,7 @@ from lowbit.engine.sampling_params import SamplingParams
 from lowbit.kernels.kv_quant import dequantize_kv_ref, quantize_kv_ref
 from lowbit.layers.attention import gqa_attention
 from lowbit.layers.paged_kv_cache import AttentionKernels
+from lowbit.layers.rotary import apply_rotary
 from lowbit.loading.dummy import build_dummy_model
 
 MAX_TOKENS = 8
@@ -46,10 +47,16 @@ def _check_cache(k_cache, kv_bits, k_scale_zero):
         assert k_scale_zero.shape == (*k_cache.shape[:3], 2)
 
 
-def write_kv(k, v, k_cache, v_cache, slot_mapping, kv_bits=16, k_scale_zero=None, v_scale_zero=None):
+def write_kv(k, v, k_cache, v_cache, slot_mapping, kv_bits=16, k_scale_zero=None, v_scale_zero=None, rope=None):
     CALLS["write_kv"] = CALLS.get("write_kv", 0) + 1
     assert k.dim() == 3 and slot_mapping.dtype == torch.int64 and slot_mapping.shape == (k.shape[0],)
     _check_cache(k_cache, kv_bits, k_scale_zero)
+    if rope is not None:  # as the kernel: q rotated in place, k rotated as it is stored
+        CALLS["rope"] = CALLS.get("rope", 0) + 1
+        q, cos, sin = rope
+        assert q.dim() == 3 and q.shape[1] % k.shape[1] == 0 and cos.shape == sin.shape == (k.shape[0], k.shape[2])
+        q_rot, k = (x[0] for x in apply_rotary(q[None], k[None], cos[None], sin[None]))
+        q.copy_(q_rot)
     for x, cache, sz in ((k, k_cache, k_scale_zero), (v, v_cache, v_scale_zero)):
         flat = cache.view(-1, *cache.shape[2:])
         if kv_bits == 16:
@@ -158,7 +165,7 @@ def test_kernel_path_and_padded_graph_replay_equal_the_pytorch_path(tiny64, prom
     expected = _greedy(_llm(tiny64, kv_bits=kv_bits), prompt_ids)
     CALLS.clear()
     assert _greedy(_llm(tiny64, STAND_INS, kv_bits=kv_bits), prompt_ids) == expected
-    assert CALLS["write_kv"] and CALLS["decode"] and CALLS["prefill"] and CALLS["hinted"]
+    assert CALLS["write_kv"] and CALLS["rope"] and CALLS["decode"] and CALLS["prefill"] and CALLS["hinted"]
 
     ReplayByRecompute.replays.clear()
     llm = _llm(tiny64, STAND_INS, graphs=True, kv_bits=kv_bits, max_batch_size=4)

@@ -69,6 +69,42 @@ def test_write_kv_matches_reference(kv_bits, d):
             assert torch.equal(a.cpu().view(torch.uint8), b.view(torch.uint8))
 
 
+@pytest.mark.parametrize("kv_bits", [16, 8, 4])
+def test_write_kv_with_rope_rotates_q_and_the_stored_k(kv_bits):
+    """rope=(q, cos, sin): q rotated in place (GQA: 3 query heads a KV head), k rotated as stored,
+    v as it was; the same as rotating first (the reference) up to fp16 rounding of k's products."""
+    g = torch.Generator().manual_seed(kv_bits)
+    t, kvh, d, bs, n_blocks = 5, 2, 64, 16, 2
+    q = torch.randn(t, 3 * kvh, d, generator=g).half()
+    k, v = (torch.randn(t, kvh, d, generator=g) * 3).half(), torch.randn(t, kvh, d, generator=g).half()
+    freqs = torch.tensor([7.0, 0.0, 300.0, 2.0, 41.0])[:, None] * 10000 ** (-torch.arange(0, d, 2) / d)
+    emb = torch.cat([freqs, freqs], -1)
+    cos, sin = emb.cos().half(), emb.sin().half()
+    slots = torch.tensor([3, 17, -1, 0, 30])
+    if kv_bits == 16:
+        caches = [torch.zeros(n_blocks, bs, kvh, d, dtype=torch.float16) for _ in range(2)] + [None, None]
+    else:
+        dc = packed_head_dim(d, kv_bits)
+        caches = [torch.zeros(n_blocks, bs, kvh, dc, dtype=torch.uint8) for _ in range(2)]
+        caches += [torch.zeros(n_blocks, bs, kvh, 2, dtype=torch.float16) for _ in range(2)]
+    ours, ref = on_dev(*caches), [None if c is None else c.clone() for c in caches]
+    q_dev, k_dev, q_ref = q.clone().to(DEV), k.to(DEV), q.clone()  # (clones: DEV may be the CPU)
+    write_kv(k_dev, v.to(DEV), ours[0], ours[1], slots.to(DEV), kv_bits, ours[2], ours[3],
+             rope=(q_dev, cos.to(DEV), sin.to(DEV)))
+    write_kv_ref(k, v, ref[0], ref[1], slots, kv_bits, ref[2], ref[3], rope=(q_ref, cos, sin))
+    assert rel_err(q_dev, q_ref) < 2e-3 and not torch.equal(q_ref, q)
+    assert torch.equal(k_dev.cpu(), k)  # the tensor k is read, not rotated
+    if kv_bits == 16:
+        for a, b in zip(ours[:2], ref[:2]):
+            assert rel_err(a, b) < 2e-3
+    else:  # codes may differ by one where k's fp16 rounding differs: compare what is read back
+        from lowbit.kernels.kv_quant import dequantize_kv_ref
+        for a, b, sa, sb in ((ours[0], ref[0], ours[2], ref[2]), (ours[1], ref[1], ours[3], ref[3])):
+            got = dequantize_kv_ref(a.cpu(), sa.cpu(), kv_bits, torch.float32)
+            want = dequantize_kv_ref(b, sb, kv_bits, torch.float32)
+            assert rel_err(got, want) < 0.02
+
+
 DECODE = [  # kv_bits, heads, kv_heads, head_dim, block_size, dtype, num_splits, sliding_window
     (16, 4, 2, 64, 16, torch.float16, None, None),
     (8, 4, 2, 64, 16, torch.bfloat16, None, None),

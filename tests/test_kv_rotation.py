@@ -18,7 +18,9 @@ def _attend(kv_bits, q, k, v):
     cache.set_metadata(PagedAttentionMetadata(
         slot_mapping=torch.arange(t), block_tables=torch.arange(4, dtype=torch.int32)[None],
         context_lens=torch.tensor([t], dtype=torch.int32), num_decode=0, query_lens=[t], context_lens_host=[t]))
-    return cache.attention(0, q, k, v), cache.rotation is not None
+    cos, sin = torch.ones(1, t, k.shape[3]), torch.zeros(1, t, k.shape[3])  # no rotary: the identity
+    out = cache.attention(0, *(x.transpose(1, 2) for x in (q, k, v)), cos, sin)
+    return out.transpose(1, 2), cache.rotation is not None
 
 
 def test_int4_kv_in_a_hadamard_basis_has_less_error_on_outlier_channels(monkeypatch):

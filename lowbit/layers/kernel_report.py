@@ -86,6 +86,8 @@ def kernels_in_use(model, cache=None) -> dict:
                     **by_device(next(model.parameters()).device)}
     if cache is not None:
         report.update(attention_kernels(cache.kernels, cache.kv_bits))
+        if cache.kernels.write_kv is not None and cache.rotation is None:  # PagedKVCache.attention's fusion
+            report["rotary"] = f"in kv_write ({report['kv_write']} with rope: q in place, k as stored)"
     return report
 
 

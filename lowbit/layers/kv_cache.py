@@ -1,11 +1,13 @@
-"""The KV cache the model writes into. The model calls only `attention` (store the new keys and
-values, attend over all that is stored) and `advance`; a paged cache implements the same two."""
+"""The KV cache the model writes into. The model calls only `attention` (apply the rotary embedding
+to the new queries and keys, store the new keys and values, attend over all that is stored) and
+`advance`; a paged cache implements the same two."""
 from __future__ import annotations
 
 import torch
 
 from lowbit.errors import LowbitError
 from lowbit.layers.attention import gqa_attention
+from lowbit.layers.rotary import apply_rotary
 
 
 class ContiguousKVCache:
@@ -29,11 +31,13 @@ class ContiguousKVCache:
         self.v[layer][:, :, self.length:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
-    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  sliding_window: int | None = None) -> torch.Tensor:
-        """q [B, H, T, D], new k/v [B, KVH, T, D] -> attention output [B, H, T, D]."""
-        k_all, v_all = self.update(layer, k, v)
-        return gqa_attention(q, k_all, v_all, sliding_window)
+    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:
+        """q [B, T, H, D], new k/v [B, T, KVH, D] before the rotary embedding (cos, sin [B, T, D])
+        -> attention output [B, T, H, D]."""
+        q, k = apply_rotary(q, k, cos, sin)
+        k_all, v_all = self.update(layer, k.transpose(1, 2), v.transpose(1, 2))
+        return gqa_attention(q.transpose(1, 2), k_all, v_all, sliding_window).transpose(1, 2)
 
     def advance(self, t: int) -> None:
         self.length += t

@@ -27,6 +27,7 @@ from torch.nn import functional as F
 from lowbit.errors import LowbitError
 from lowbit.kernels.kv_quant import dequantize_kv_ref, packed_head_dim, quantize_kv_ref
 from lowbit.layers.attention import gqa_attention
+from lowbit.layers.rotary import apply_rotary
 
 SCALE_ZERO_BYTES = 2 * 2  # fp16 (scale, zero) per token and KV head, beside the codes
 ROTATION_ENV = "LOWBIT_KV_ROTATION"  # auto (int4 KV) | 1 (int8 and int4) | 0 (never)
@@ -279,14 +280,22 @@ class PagedKVCache:
             start += n
         return out
 
-    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  sliding_window: int | None = None) -> torch.Tensor:
-        """q [1, H, T, D] (rotary applied), new k/v [1, KVH, T, D] -> [1, H, T, D]."""
+    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:
+        """q [1, T, H, D], new k/v [1, T, KVH, D] before the rotary embedding (cos, sin [1, T, D])
+        -> [1, T, H, D]."""
         m = self.meta
-        if self.rotation is not None:  # q.k and softmax(.)v are unchanged in an orthonormal basis
-            q, k, v = q @ self.rotation, k @ self.rotation, v @ self.rotation
-        q = q[0].transpose(0, 1)  # [T, H, D]
-        self.write(layer, k[0].transpose(0, 1), v[0].transpose(0, 1))
+        if self.rotation is None and self.kernels.write_kv is not None:
+            # one kernel: q rotated in place, k rotated as it is stored (the rotary's own launch saved)
+            q = q[0]
+            self.kernels.write_kv(k[0], v[0], self.k[layer], self.v[layer], m.slot_mapping, kv_bits=self.kv_bits,
+                                  rope=(q, cos[0], sin[0]), **self._scale_zero(layer))
+        else:
+            q, k = apply_rotary(q, k, cos, sin)
+            q, k, v = q[0], k[0], v[0]  # [T, heads, D]
+            if self.rotation is not None:  # q.k and softmax(.)v are unchanged in an orthonormal basis
+                q, k, v = q @ self.rotation, k @ self.rotation, v @ self.rotation
+            self.write(layer, k, v)
         nd = m.num_decode
         if nd == len(m.query_lens):  # decode only: no copy, and fixed shapes for CUDA graphs
             out = self.decode_attention(layer, q, sliding_window)
@@ -297,7 +306,7 @@ class PagedKVCache:
                              self.prefill_attention(layer, q[nd:], sliding_window)])
         if self.rotation is not None:  # back from the Hadamard basis (the matrix is its own inverse)
             out = out @ self.rotation
-        return out.transpose(0, 1)[None]
+        return out[None]
 
     def advance(self, t: int) -> None:
         """Positions come from the metadata; nothing to count here."""

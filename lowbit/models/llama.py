@@ -56,13 +56,15 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, cache, layer_idx: int):
         b, t, _ = x.shape
         q, k, v = self.qkv(x)
-        q, k = apply_rotary(q.view(b, t, self.n_heads, self.head_dim), k.view(b, t, self.n_kv, self.head_dim), cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q = q.view(b, t, self.n_heads, self.head_dim)
+        k, v = k.view(b, t, self.n_kv, self.head_dim), v.view(b, t, self.n_kv, self.head_dim)
         if cache is None:
-            out = gqa_attention(q, k, v, self.sliding_window)
-        else:  # the cache stores the new k/v and attends over everything it holds
-            out = cache.attention(layer_idx, q, k, v, self.sliding_window)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+            q, k = apply_rotary(q, k, cos, sin)
+            out = gqa_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.sliding_window).transpose(1, 2)
+        else:  # the cache rotates q and k as it stores the new k/v (on a GPU in the write's kernel), then
+            # attends over everything it holds
+            out = cache.attention(layer_idx, q, k, v, cos, sin, self.sliding_window)
+        return self.o_proj(out.reshape(b, t, -1))
 
 
 class MLP(nn.Module):
