@@ -209,7 +209,7 @@ def test_w4a16_cuda_gemv_one_wave_candidates():
 
 
 @pytest.mark.skipif(not _cuda_kernels_on(), reason="the CUDA C++ tensor-core kernel builds and runs on a Hopper-class GPU")
-@pytest.mark.parametrize("warps,depth", [(4, 2), (8, 2), (4, 4)])
+@pytest.mark.parametrize("warps,depth", [(4, 2), (8, 2), (4, 3), (4, 4)])
 @pytest.mark.parametrize("m,n,k,group,split", [(2, 256, 512, 128, 1), (5, 148, 320, 64, 3), (16, 4096, 4096, 128, 4),
                                                (17, 512, 1024, -1, 7), (33, 1024, 11008, 128, 2),
                                                (64, 4096, 4096, 128, 8), (48, 64, 200, -1, 1), (1, 96, 256, 128, 2)])
@@ -218,8 +218,8 @@ def test_w4a16_cuda_mma(m, n, k, group, split, warps, depth):
     1-4 row tiles with rows past M, both group layouts, per-channel scales, a padded last block,
     N not a multiple of the column tile (and of 8), K longer than one shared-memory chunk of x,
     split-K (twice: a counter left armed would spoil the second call), a row of x with a stride."""
-    if depth == 4 and m > 32:
-        pytest.skip("4 blocks in flight are built up to 32 rows")
+    if depth > 2 and m > 32:
+        pytest.skip("3 or 4 blocks in flight are built up to 32 rows")
     codes, scales, zeros, _ = make_weight(n, k, 4, group, False, False, seed=n + k + m)
     x_wide = torch.randn(m, k + 8, generator=torch.Generator().manual_seed(k + m)).half()
     x = x_wide.cuda()[:, :k]  # rows k + 8 apart

@@ -180,10 +180,13 @@ __device__ __forceinline__ void stage_x(half* xs, int stride, const half* x, int
   asm volatile("cp.async.commit_group;" ::: "memory");
 }
 
-// shared memory for x, two chunk buffers: up to 32 rows two programs fit an SM (their registers
-// allow two), beyond that one
-template <int kMT>
-constexpr int smem_budget() { return kMT <= 2 ? 96 * 1024 : 192 * 1024; }
+// shared memory for x, two chunk buffers: up to 32 rows two programs of 8 warps fit an SM (their
+// registers allow two), beyond that one; programs of 4 warps take less, so that 3-4 fit (their
+// registers allow 3-4 up to 32 rows), at the price of more, shorter chunks
+template <int kWarps, int kMT>
+constexpr int smem_budget() {
+  return kMT > 2 ? 192 * 1024 : kWarps == 4 ? (kMT == 1 ? 48 : 64) * 1024 : 96 * 1024;
+}
 
 // The 4 accumulators a lane holds of row g + 8 * rr (of one 16-row tile), columns 8t + 4 * hi + u
 // for the n-tiles u = 0..3 (the C fragment's element 2 * rr + hi of each)
@@ -338,7 +341,7 @@ void launch(const torch::Tensor& x, const torch::Tensor& qweight, const torch::T
   TORCH_CHECK(split == 1 || (partials.scalar_type() == at::kFloat && partials.numel() >= static_cast<int64_t>(split) * m * n &&
                              locks.numel() >= tiles),
               "w4a16_mma: split ", split, " needs fp32 partials [split, M, N] and ", tiles, " int32 locks");
-  constexpr int budget = smem_budget<kMT>();
+  constexpr int budget = smem_budget<kWarps, kMT>();
   const int max_chunk = (budget / 2 / (kMT * 16 * 2) - 8) / 128;  // blocks a buffer holds
   const int chunk = min(bps, max_chunk);
   const size_t smem = 2 * static_cast<size_t>(kMT) * 16 * (chunk * 128 + 8) * sizeof(half);
@@ -379,8 +382,8 @@ void launch_rows(int mt, int depth, const torch::Tensor& x, const torch::Tensor&
     launch<kWarps, MT, D>(x, qweight, scales, zeros, out, partials, locks, kx, group_planes, split, pdl); \
     return;                                                                                                 \
   }
-  LOWBIT_MMA_CASE(1, 2) LOWBIT_MMA_CASE(1, 4) LOWBIT_MMA_CASE(2, 2) LOWBIT_MMA_CASE(2, 4)
-  LOWBIT_MMA_CASE(3, 2) LOWBIT_MMA_CASE(4, 2)
+  LOWBIT_MMA_CASE(1, 2) LOWBIT_MMA_CASE(1, 3) LOWBIT_MMA_CASE(1, 4) LOWBIT_MMA_CASE(2, 2) LOWBIT_MMA_CASE(2, 3)
+  LOWBIT_MMA_CASE(2, 4) LOWBIT_MMA_CASE(3, 2) LOWBIT_MMA_CASE(4, 2)
 #undef LOWBIT_MMA_CASE
   TORCH_CHECK(false, "w4a16_mma: ", mt * 16, " rows with ", depth, " blocks in flight are not built");
 }
