@@ -19,6 +19,7 @@ best run, and the median goes into the JSON too:
                 transformers' own reader), `generate(do_sample=False)`, the same prompt ids
 
   ours_fp32     ours with LOWBIT_CPU_DECODE=fp32 (the kept weights in fp32 for decode too)
+  ours_int8     ours with LOWBIT_CPU_DECODE=int8 (per-row int8 copies, bf16 activations: opt-in)
 
 ours_fp32's tokens must equal the reference's (`fp32_decode_tokens_equal_reference`; exit 1 if
 not); where ours (fp16 decode) first differs from them is recorded
@@ -153,6 +154,7 @@ def main() -> int:
     llm = engine_for_one(loaded, len(ids), args.new_tokens)
     runners = {"ours": ours_runner(llm, ids, args.new_tokens, "auto"),
                "ours_fp32": ours_runner(llm, ids, args.new_tokens, "auto", "fp32"),
+               "ours_int8": ours_runner(llm, ids, args.new_tokens, "auto", "int8"),
                "reference": ours_runner(llm, ids, args.new_tokens, "dequantize", "fp32")}
     runners["transformers"] = transformers_runner(default_model_path(), ids, args.new_tokens)
     for run in runners.values():  # warm-up: packs / keeps weights, warms allocators and caches
@@ -175,6 +177,7 @@ def main() -> int:
 
     ours, ref = runs["ours"]["tokens"], runs["reference"]["tokens"]
     first_diff = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), None)
+    int8_diff = next((i for i, (a, b) in enumerate(zip(runs["ours_int8"]["tokens"], ref)) if a != b), None)
     # the exact path (fp32 decode) must reproduce the reference; fp16 decode is reported
     equal = all(r["tokens"] == ref for name in ("ours_fp32", "reference") for r in all_runs[name])
     rec = {
@@ -187,6 +190,8 @@ def main() -> int:
         "ratio_ours_over_transformers": runs["ours"]["tokens_per_s"] / runs["transformers"]["tokens_per_s"],
         "ratio_ours_over_reference": runs["ours"]["tokens_per_s"] / runs["reference"]["tokens_per_s"],
         "fp32_decode_tokens_equal_reference": equal, "fp16_decode_first_differing_token": first_diff,
+        "int8_decode_first_differing_token": int8_diff,
+        "ratio_ours_int8_over_transformers": runs["ours_int8"]["tokens_per_s"] / runs["transformers"]["tokens_per_s"],
         "ratio_ours_fp32_over_transformers": runs["ours_fp32"]["tokens_per_s"] / runs["transformers"]["tokens_per_s"],
         "packed_linear_paths_at_decode": paths,
         "text": loaded[1].decode(ours),
@@ -200,7 +205,9 @@ def main() -> int:
     args.out.write_text(json.dumps(rec, indent=1) + "\n")
     print(f"ours / transformers = {rec['ratio_ours_over_transformers']:.2f}x, ours / reference = "
           f"{rec['ratio_ours_over_reference']:.2f}x; fp16 decode's first token unlike the reference's: "
-          f"{first_diff}; fp32 decode's tokens equal the reference's: {equal}; wrote {args.out}")
+          f"{first_diff}; int8 decode / transformers = {rec['ratio_ours_int8_over_transformers']:.2f}x, its first "
+          f"token unlike the reference's: {int8_diff}; fp32 decode's tokens equal the reference's: {equal}; "
+          f"wrote {args.out}")
     return 0 if equal else 1
 
 

@@ -89,6 +89,33 @@ def _decode_step_checks(layer, decode, prompt, dense_linear):
     assert torch.equal(dense_linear(x, fp32_only), F.linear(x, fp32_only))
 
 
+def test_int8_decode_reads_an_int8_copy_of_packed_and_dense_weights(monkeypatch):
+    """LOWBIT_CPU_DECODE=int8: decode calls read a per-row int8 copy through PyTorch's int8
+    weight-only matmul (bf16 activations): close to the exact product, not equal; made once and
+    kept; prompts stay exact. The dense weight (e.g. a tied output head) takes it too."""
+    from lowbit.layers.linear import dense_linear
+
+    monkeypatch.setenv(cpu_weights.DECODE_ENV, "int8")
+    layer = _awq_layer(960, 576, 64, seed=1, bias=True)
+    decode, prompt = torch.randn(1, 2, 576), torch.randn(1, 40, 576)
+    with cpu_weights.decode_step():
+        y, ref = layer(decode), _reference(layer, decode)
+        assert cpu_weights.last_path(layer) == "cache-int8" and not torch.equal(y, ref)
+        assert (y - ref).norm() / ref.norm() < 2e-2
+        codes, scale = _kept(layer, torch.int8)
+        assert codes.dtype == torch.int8 and codes.shape == (960, 576) and int(codes.abs().max()) == 127
+        layer(decode)
+        assert _kept(layer, torch.int8)[0] is codes  # made once
+        assert torch.equal(layer(prompt), _reference(layer, prompt)) and cpu_weights.last_path(layer) == "cache"
+        w, x = torch.randn(64, 576), torch.randn(1, 576)
+        y = dense_linear(x, w)
+        assert not torch.equal(y, F.linear(x, w)) and (y - F.linear(x, w)).norm() / F.linear(x, w).norm() < 2e-2
+    monkeypatch.setenv(cpu_weights.DECODE_ENV, "int4")
+    with pytest.raises(Exception, match="expected one of fp16, fp32, int8"):
+        with cpu_weights.decode_step():
+            pass
+
+
 def test_act_order_layers_keep_the_dequantized_weight_too():
     """GPTQ act-order (a g_idx that is not column // group): dequantized once, kept, exact."""
     out_f, in_f, group_size, bits = 64, 128, 32, 4

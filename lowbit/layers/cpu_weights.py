@@ -25,6 +25,15 @@ the products come back as fp32; prompts and evaluation keep the exact fp32 weigh
 be compute-bound (4.6x slower without fp16 arithmetic). $LOWBIT_CPU_DECODE=fp32 keeps decode in
 fp32 too, exactly as before.
 
+$LOWBIT_CPU_DECODE=int8 (opt-in) reads an int8 copy instead, one fp32 scale per output row
+(symmetric, round to nearest), through PyTorch's int8 weight-only matmul
+(`aten._weight_int8pack_mm`) with bf16 activations: a quarter of the fp32 bytes, and on a 2-core
+AVX-512 machine 2.2-2.6x faster than the fp16 copy per matmul (576 x 3072: 100 against 222 us; the
+576 x 49152 output head: 1.7 against 4.4 ms). It is not exact: the per-row int8 grid is ~16x finer
+than a 4-bit group's, but bf16 activations keep 8 bits, so greedy tokens part from the fp32 path's
+sooner than fp16's (benchmarks/README.md, "CPU decode", says where). Dense weights take the int8
+copy too (the tied output head, SmolLM2's largest matmul).
+
 What is kept is keyed by the tensors it was made from (`codes_nxk`, `scales_nxg`, `zeros_nxg`,
 `g_idx_k`, `bias`: identity, storage and in-place version), so reloading the weights
 (`after_load` registers new tensors) or changing them in place rebuilds it.
@@ -66,29 +75,56 @@ def _versions(sources: tuple) -> tuple:
 
 HALF_MAX_ROWS = 16
 DECODE_ENV = "LOWBIT_CPU_DECODE"
-_DECODING = [False]  # a stack: the engine's decode steps set it (decode_step)
+DECODE_MODES = ("fp16", "fp32", "int8")
+_DECODING: list[str | None] = [None]  # a stack: the engine's decode steps push their copy's kind (decode_step)
 
 
 @contextlib.contextmanager
 def decode_step(flag: bool = True):
     """Inside this scope (the engine's decode-only steps) small CPU matmuls may read fp16 copies,
-    unless $LOWBIT_CPU_DECODE=fp32 (read here, once a step, not once a matmul)."""
+    or int8 ones, as $LOWBIT_CPU_DECODE says (read here, once a step, not once a matmul; fp32:
+    none)."""
+    kind = None
     if flag:
-        value = os.environ.get(DECODE_ENV, "fp16")
-        if value not in ("fp16", "fp32"):
-            raise LowbitError(f"{DECODE_ENV}={value!r}: expected fp16 or fp32")
-        flag = value == "fp16"
-    _DECODING.append(flag)
+        kind = os.environ.get(DECODE_ENV, "fp16")
+        if kind not in DECODE_MODES:
+            raise LowbitError(f"{DECODE_ENV}={kind!r}: expected one of {', '.join(DECODE_MODES)}")
+    _DECODING.append(kind if kind != "fp32" else None)
     try:
         yield
     finally:
         _DECODING.pop()
 
 
-def decode_in_half(x: torch.Tensor) -> bool:
-    """Whether a CPU matmul of x reads the fp16 copy of its weight (see the module docstring)."""
-    return (_DECODING[-1] and x.dtype == torch.float32 and x.device.type == "cpu"
-            and x.numel() <= HALF_MAX_ROWS * x.shape[-1])
+def decode_copy(x: torch.Tensor) -> str | None:
+    """"fp16" or "int8" where a CPU matmul of x reads that copy of its weight (see the module
+    docstring), None where it reads the weight itself."""
+    if x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() <= HALF_MAX_ROWS * x.shape[-1]:
+        return _DECODING[-1]
+    return None
+
+
+def int8_copy(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 [out, in], bf16 [out] scales): symmetric per output row, round to nearest."""
+    scale = weight.float().abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    codes = torch.round(weight.float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return codes.contiguous(), scale.to(torch.bfloat16)
+
+
+def int8_linear(x: torch.Tensor, kept: tuple[torch.Tensor, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
+    """fp32 x [..., in] through an int8 copy (int8_copy) with bf16 activations -> fp32, bias in fp32."""
+    codes, scale = kept
+    y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).bfloat16(), codes, scale)
+    y = y.float().reshape(*x.shape[:-1], codes.shape[0])
+    return y + bias if bias is not None else y
+
+
+def dense_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8 copy of a dense weight, kept on the tensor and made again when it changes in place."""
+    kept = weight.__dict__.get("_lowbit_int8")
+    if kept is None or kept[0] != weight._version:
+        weight.__dict__["_lowbit_int8"] = kept = (weight._version, int8_copy(weight.detach()))
+    return kept[1]
 
 
 def half_linear(x: torch.Tensor, weight16: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -136,9 +172,13 @@ def _kept(layer, dtype, make: Callable[[], torch.Tensor]) -> torch.Tensor:
 def cpu_linear(layer, x: torch.Tensor, dequantize: Callable[[torch.dtype], torch.Tensor]) -> torch.Tensor:
     """y = x @ W^T + b for a packed layer on the CPU; `dequantize(dtype)` gives W [out, in]."""
     path = "dequantize" if mode() == "dequantize" else "cache"  # `auto` is `cache`
-    if path == "cache" and decode_in_half(x):
+    copy = decode_copy(x) if path == "cache" else None
+    if copy == "fp16":
         layer.__dict__["_cpu_linear_path"] = "cache-fp16"
         return half_linear(x, _kept(layer, torch.float16, lambda: dequantize(torch.float32).half()), layer.bias)
+    if copy == "int8":
+        layer.__dict__["_cpu_linear_path"] = "cache-int8"
+        return int8_linear(x, _kept(layer, torch.int8, lambda: int8_copy(dequantize(torch.float32))), layer.bias)
     layer.__dict__["_cpu_linear_path"] = path  # what ran last, for reports
     if path == "cache":
         return nn.functional.linear(x, _kept(layer, x.dtype, lambda: dequantize(x.dtype)), layer.bias)
@@ -146,7 +186,7 @@ def cpu_linear(layer, x: torch.Tensor, dequantize: Callable[[torch.dtype], torch
 
 
 def last_path(layer) -> str | None:
-    """The path of the layer's last CPU call ("dequantize", "cache", "cache-fp16"), None before one."""
+    """The path of the layer's last CPU call ("dequantize", "cache", "cache-fp16", "cache-int8"), None before one."""
     return layer.__dict__.get("_cpu_linear_path")
 
 

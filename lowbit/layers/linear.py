@@ -66,9 +66,12 @@ class DenseMethod(LinearMethod):
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight^T + bias; a CPU decode call reads an fp16 copy of the weight (cpu_weights.py says
-    why: half the bytes of a bandwidth-bound step)."""
-    if cpu_weights.decode_in_half(x):
+    """x @ weight^T + bias; a CPU decode call reads an fp16 copy of the weight, or with
+    LOWBIT_CPU_DECODE=int8 an int8 one (cpu_weights.py says why: fewer bytes in a bandwidth-bound step)."""
+    copy = cpu_weights.decode_copy(x)
+    if copy == "int8":
+        return cpu_weights.int8_linear(x, cpu_weights.dense_int8(weight), bias)
+    if copy == "fp16":
         weight16 = cpu_weights.half_copy(weight)
         if weight16 is not None:
             return cpu_weights.half_linear(x, weight16, bias)
