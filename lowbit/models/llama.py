@@ -60,9 +60,10 @@ class Attention(nn.Module):
         k, v = k.view(b, t, self.n_kv, self.head_dim), v.view(b, t, self.n_kv, self.head_dim)
         if cache is None:
             q, k = apply_rotary(q, k, cos, sin)
-            out = gqa_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.sliding_window).transpose(1, 2)
-        else:  # the cache rotates q and k as it stores the new k/v (on a GPU in the write's kernel), then
-            # attends over everything it holds
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            out = gqa_attention(q, k, v, self.sliding_window).transpose(1, 2)
+        else:  # the cache applies the rotary embedding as it stores the new k/v (on a GPU inside the
+            # write's kernel), then attends over everything it holds
             out = cache.attention(layer_idx, q, k, v, cos, sin, self.sliding_window)
         return self.o_proj(out.reshape(b, t, -1))
 
