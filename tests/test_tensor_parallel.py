@@ -128,3 +128,33 @@ def test_closing_releases_the_decode_graphs_before_the_process_group(monkeypatch
     monkeypatch.setattr(comm, "close", lambda: (held_at_close.append(runner.graphs), real_close()))
     two.close()
     assert held_at_close == [None] and graphs.graphs == {}
+
+
+@pytest.mark.parametrize("w_bits", [16, 4])
+def test_a_shard_built_layer_by_layer_equals_the_whole_model_sharded(w_bits):
+    """LlamaModel.build_shard (what each rank runs: a layer made whole, filled, cut, then the next)
+    gives the tensors of building the whole model and calling `shard`, for dummy weights (dense
+    and AWQ) and for a checkpoint read from disk (the default GGUF's tied head included)."""
+    whole = build_dummy_model("tiny", w_bits, 64, "fp32", "cpu", seed=5)[0]
+    whole.shard(1, 2)
+    part = build_dummy_model("tiny", w_bits, 64, "fp32", "cpu", seed=5, shard=(1, 2))[0]
+    _assert_same(whole, part)
+
+
+def test_a_checkpoints_shard_is_read_layer_by_layer(smol, gguf_path):
+    from lowbit.loading.loader import load_model
+
+    whole = copy.deepcopy(smol[0])
+    whole.shard(0, 3)
+    part = load_model(gguf_path, "fp32", "cpu", shard=(0, 3))[0]
+    _assert_same(whole, part)
+
+
+def _assert_same(whole, part):
+    assert part.tp_shard == whole.tp_shard and part.config == whole.config
+    a, b = whole.state_dict(), part.state_dict()
+    assert list(a) == list(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    for la, lb in zip(whole.layers, part.layers):
+        assert (la.self_attn.n_heads, la.self_attn.n_kv) == (lb.self_attn.n_heads, lb.self_attn.n_kv)

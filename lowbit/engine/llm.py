@@ -91,8 +91,8 @@ class LLM:
         LlamaModel.check_shardable(model_config, world)
         self._tp = TPWorkers(world, source, dev, config)
         try:
-            triple = model if isinstance(model, tuple) else source.load(rank_device(dev, 0))
-            triple[0].shard(0, world)
+            triple = model if isinstance(model, tuple) else source.load(rank_device(dev, 0), (0, world))
+            triple[0].shard(0, world)  # (a model built whole in memory; a no-op for the shard just loaded)
         except Exception:
             self.close()
             raise

@@ -1,7 +1,7 @@
 """Tensor parallelism's processes: rank 0 is the process that made the `LLM` (scheduler, sampler,
 the user's command); ranks 1..N-1 are worker processes it starts, one per GPU (or CPU process with
-gloo). Each rank loads the model, keeps its shard (`LlamaModel.shard`) and builds the same model
-runner; then every step rank 0 broadcasts the step's inputs and all ranks run the model together
+gloo). Each rank builds only its shard of the model, a layer at a time (`LlamaModel.build_shard`),
+and the same model runner; then every step rank 0 broadcasts the step's inputs and all ranks run the model together
 (the collectives inside it keep them in step), rank 0 alone sampling from the gathered logits.
 
 A worker that fails reports its error through a queue and exits; rank 0 raises it by rank. The
@@ -33,16 +33,17 @@ class ModelSource:
     dtype: str | torch.dtype = "auto"
     dummy: tuple | None = None  # (arch, w_bits, group_size, dtype, seed): build_dummy_model's arguments
 
-    def load(self, device: torch.device):
-        """-> (model, tokenizer, checkpoint) on `device`, whole (shard it after)."""
+    def load(self, device: torch.device, shard: tuple[int, int] | None = None):
+        """-> (model, tokenizer, checkpoint) on `device`: whole, or only rank `shard[0]` of
+        `shard[1]`'s part, built a layer at a time (a rank never holds the whole model)."""
         if self.dummy is not None:
             from lowbit.loading.dummy import build_dummy_model
 
             arch, w_bits, group_size, dtype, seed = self.dummy
-            return build_dummy_model(arch, w_bits, group_size, dtype, device, seed)
+            return build_dummy_model(arch, w_bits, group_size, dtype, device, seed, shard=shard)
         from lowbit.loading.loader import load_model
 
-        return load_model(self.path, self.dtype, device)
+        return load_model(self.path, self.dtype, device, shard=shard)
 
 
 def rank_device(device: torch.device, rank: int) -> torch.device:
@@ -77,8 +78,7 @@ def _worker(rank: int, world: int, port: int, source: ModelSource, device_type: 
         else:  # the ranks share the CPU's cores
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         comm.init(rank, world, port, device)
-        model, _tokenizer, _ckpt = source.load(device)
-        model.shard(rank, world)
+        model, _tokenizer, _ckpt = source.load(device, (rank, world))
         from lowbit.engine.model_runner import ModelRunner
 
         runner = ModelRunner(model, config.resolved(model.config))  # as LLMEngine resolves it on rank 0

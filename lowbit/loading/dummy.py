@@ -10,14 +10,17 @@ compressed-tensors int8 layer's tensors (int8 weights, per-channel scales, per-t
 from __future__ import annotations
 
 import time
+import zlib
 
 import torch
+from torch import nn
 
 from lowbit.config import ModelConfig
 from lowbit.errors import LowbitError
 from lowbit.formats import awq_format
 from lowbit.formats.compressed_tensors import W8A8Scheme
 from lowbit.layers.formats import method_for_checkpoint
+from lowbit.layers.norm import RMSNorm
 from lowbit.layers.w8a8_linear import W8A8LinearMethod
 from lowbit.loading.loader import default_device, parse_dtype
 from lowbit.models.llama import LlamaModel
@@ -97,10 +100,12 @@ def _fill_w8a8(layer, gen: torch.Generator) -> None:
 
 @torch.no_grad()
 def build_dummy_model(arch: str, w_bits: int = 16, group_size: int = 128, dtype: str | torch.dtype = "auto",
-                      device: str | torch.device | None = None, seed: int = 0):
+                      device: str | torch.device | None = None, seed: int = 0, shard: tuple[int, int] | None = None):
     """-> (model, tokenizer, checkpoint), the triple `LLM` takes, with random weights of `arch`'s
     shapes made on `device`: fp16/bf16/fp32 (w_bits 16), W8A8 int8 (w_bits 8) or AWQ W4A16 (w_bits 4,
-    `group_size`)."""
+    `group_size`). shard = (rank, world): only that tensor-parallel rank's part, made a layer at a
+    time (LlamaModel.build_shard); each layer's weights come from a generator seeded by its name,
+    so every rank's part is the same as the whole model's."""
     cfg = preset_config(arch)
     if w_bits not in W_BITS:
         raise LowbitError(f"--w-bits {w_bits}: dummy weights are 16 (dense), 8 (W8A8 int8) or 4 (AWQ W4A16)")
@@ -115,21 +120,34 @@ def build_dummy_model(arch: str, w_bits: int = 16, group_size: int = 128, dtype:
         if group_size != -1 and bad:
             raise LowbitError(f"--group-size {group_size} does not divide {bad[0]} (a linear input of {arch}); "
                               "pick one that divides it, e.g. 64 or 128")
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.device(device):
-        model = LlamaModel(cfg, method_for, dtype)
-    for name, p in model.named_parameters():
-        if name.endswith("norm.weight"):
-            p.fill_(1.0)
-        elif name.endswith(".bias"):
-            p.zero_()
-        else:
-            p.normal_(0.0, INIT_STD, generator=gen)
-    if w_bits != 16:
-        fill = _fill_quantized if w_bits == 4 else _fill_w8a8
-        for module in model.modules():
-            if getattr(module, "method", None) is not None and module.method.name != "dense":
-                fill(module, gen)
+
+    def fill(root: nn.Module, prefix: str) -> None:
+        """Random weights for `root`, the decoder layer `prefix` names (or, for "", the rest of the
+        model: embeddings, final norm, output head)."""
+        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(prefix.encode()))
+        mine = [(n, m) for n, m in root.named_modules() if prefix or not n.startswith("model.layers")]
+        for _, module in mine:
+            for name, p in module.named_parameters(recurse=False):
+                if name == "weight" and isinstance(module, RMSNorm):
+                    p.fill_(1.0)
+                elif name == "bias":
+                    p.zero_()
+                else:
+                    p.normal_(0.0, INIT_STD, generator=gen)
+        if w_bits != 16:
+            fill_packed = _fill_quantized if w_bits == 4 else _fill_w8a8
+            for _, module in mine:
+                if getattr(module, "method", None) is not None and module.method.name != "dense":
+                    fill_packed(module, gen)
+
+    if shard is not None:
+        model = LlamaModel.build_shard(cfg, method_for, dtype, True, device, *shard, fill)
+    else:
+        with torch.device(device):
+            model = LlamaModel(cfg, method_for, dtype)
+        fill(model, "")
+        for i, layer in enumerate(model.layers):
+            fill(layer, f"model.layers.{i}.")
     ckpt = DummyCheckpoint(cfg, arch, w_bits, group_size)
     ckpt.recipe = (arch, w_bits, group_size, dtype, seed)  # what rebuilds the same weights elsewhere
     return model.eval(), DummyTokenizer(cfg.vocab_size), ckpt

@@ -46,27 +46,34 @@ def default_device() -> torch.device:
 
 
 def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device | str = "cpu",
-                fused: bool = True) -> LlamaModel:
-    """fused: q/k/v and gate/up as one merged linear each (inference); quantizers pass False."""
+                fused: bool = True, shard: tuple[int, int] | None = None) -> LlamaModel:
+    """fused: q/k/v and gate/up as one merged linear each (inference); quantizers pass False.
+    shard = (rank, world): only that rank's tensor-parallel shard, read one layer at a time
+    (LlamaModel.build_shard)."""
     from lowbit.layers.formats import method_for_checkpoint
 
     method_for = method_for_checkpoint(ckpt.quant, ckpt.source)
     fused = fused and _g_idx_shared(ckpt) and _settings_shared(ckpt, method_for)
+    if shard is not None:
+        return LlamaModel.build_shard(ckpt.config, method_for, dtype, fused, device, *shard,
+                                      lambda module, prefix: load_weights(module, ckpt, prefix))
     with torch.device(device):
         model = LlamaModel(ckpt.config, method_for, dtype, fused)
     load_weights(model, ckpt)
     return model.eval()
 
 
-def load_weights(model: LlamaModel, ckpt: Checkpoint) -> None:
-    """Copy each checkpoint tensor into the parameter of the same name; float tensors take the
-    model's dtype, integer ones (packed codes) stay as stored. A merged linear's tensor is its
-    shards' tensors concatenated along the format's output dim."""
-    for name, param in model.state_dict(keep_vars=True).items():
-        owner, _, leaf = name.rpartition(".")
+def load_weights(model: torch.nn.Module, ckpt: Checkpoint, prefix: str = "") -> None:
+    """Copy each checkpoint tensor into the parameter of the same name (prefix + its name in
+    `model`: a decoder layer is "model.layers.N."); float tensors take the model's dtype, integer
+    ones (packed codes) stay as stored. A merged linear's tensor is its shards' tensors
+    concatenated along the format's output dim."""
+    for local, param in model.state_dict(keep_vars=True).items():
+        owner, _, leaf = local.rpartition(".")
         module = model.get_submodule(owner) if owner else model
         shards = getattr(module, "shards", None)
-        t = _merged(ckpt, owner, leaf, shards, module.method) if shards else ckpt.get(name)
+        name = prefix + local
+        t = _merged(ckpt, prefix + owner, leaf, shards, module.method) if shards else ckpt.get(name)
         if tuple(t.shape) != tuple(param.shape):
             basis = "config.json and its quantization_config" if ckpt.quant else "config.json"
             raise LowbitError(f"{_file_of(ckpt, name)}: tensor {name!r} has shape {tuple(t.shape)}, "
@@ -134,12 +141,14 @@ def _file_of(ckpt: Checkpoint, name: str) -> str:
     return str(getattr(ckpt, "_where", {}).get(name, ckpt.source))
 
 
-def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device | None = None):
+def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device | None = None,
+               shard: tuple[int, int] | None = None):
     """Returns (model, tokenizer, checkpoint) for a .gguf file or an HF / quantized directory.
-    dtype "auto" computes in fp16 on a GPU and fp32 on the CPU (where fp16 matmuls are slow)."""
+    dtype "auto" computes in fp16 on a GPU and fp32 on the CPU (where fp16 matmuls are slow);
+    shard = (rank, world) builds only that tensor-parallel rank's part."""
     ckpt = open_checkpoint(path)
     device = torch.device(device) if device else default_device()
     if dtype == "auto":
         dtype = torch.float16 if device.type == "cuda" else torch.float32
-    model = build_model(ckpt, parse_dtype(dtype), device)
+    model = build_model(ckpt, parse_dtype(dtype), device, shard=shard)
     return model, ckpt.tokenizer(), ckpt

@@ -37,6 +37,14 @@ def _dense(_name, _i, _o):
     return None
 
 
+def shard_linears(root: nn.Module, rank: int, world: int) -> None:
+    """Keeps rank `rank`'s part of every linear under `root`, split the way TP_PLAN names it."""
+    for name, module in root.named_modules():
+        style = TP_PLAN.get(name.rpartition(".")[2])
+        if style and isinstance(module, QLinear):
+            module.shard(style, rank, world)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, prefix: str, method_for: MethodFor, dtype, fused: bool):
         super().__init__()
@@ -92,6 +100,12 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, f"{prefix}.self_attn", method_for, dtype, fused)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, f"{prefix}.mlp", method_for, dtype, fused)
+
+    def shard(self, rank: int, world: int) -> None:
+        """Keeps rank `rank`'s heads and hidden units of this layer (LlamaModel.shard)."""
+        shard_linears(self, rank, world)
+        self.self_attn.n_heads //= world
+        self.self_attn.n_kv //= world
 
     def forward(self, x, cos, sin, cache=None):
         """x -> the residual stream after this layer."""
@@ -155,18 +169,42 @@ class LlamaModel(nn.Module):
         if getattr(self, "tp_shard", None) is not None:
             raise LowbitError(f"this model is rank {self.tp_shard[0]} of {self.tp_shard[1]}'s shard; load it again "
                               f"to split it over {world}")
-        cfg = self.config
-        self.check_shardable(cfg, world)
-        for name, module in self.named_modules():
-            style = TP_PLAN.get(name.rpartition(".")[2])
-            if style and isinstance(module, QLinear):
-                module.shard(style, rank, world)
+        self.check_shardable(self.config, world)
         for layer in self.layers:
-            layer.self_attn.n_heads //= world
-            layer.self_attn.n_kv //= world
+            layer.shard(rank, world)
+        if self.lm_head is not None:
+            self.lm_head.shard(TP_PLAN["lm_head"], rank, world)
+        self._mark_shard(rank, world)
+
+    def _mark_shard(self, rank: int, world: int) -> None:
+        cfg = self.config
         self.config = dataclasses.replace(cfg, num_attention_heads=cfg.num_attention_heads // world,
                                           num_key_value_heads=cfg.num_key_value_heads // world)
         self.tp_shard = (rank, world)
+
+    @classmethod
+    def build_shard(cls, cfg: ModelConfig, method_for: MethodFor, dtype, fused: bool, device, rank: int, world: int,
+                    fill: Callable[[nn.Module, str], None]) -> "LlamaModel":
+        """Rank `rank`'s shard of the model, built one layer at a time: each decoder layer is made
+        whole on `device`, filled by `fill(module, prefix)` (its tensors are the checkpoint's
+        prefix + name) and cut to this rank's part before the next is made, so a rank holds its
+        shard plus one whole layer, never the whole model (70B in fp16 fits no single GPU). The
+        same as building the whole model, filling it and calling `shard` (tests/test_tensor_parallel.py)."""
+        cls.check_shardable(cfg, world)
+        with torch.device(device):
+            model = cls(dataclasses.replace(cfg, num_hidden_layers=0), method_for, dtype, fused)
+        model.config = cfg
+        fill(model, "")  # embeddings, the final norm, the output head (kept whole, then split)
+        if model.lm_head is not None:
+            model.lm_head.shard(TP_PLAN["lm_head"], rank, world)
+        for i in range(cfg.num_hidden_layers):
+            with torch.device(device):
+                layer = DecoderLayer(cfg, i, method_for, dtype, fused)
+            fill(layer, f"model.layers.{i}.")
+            layer.shard(rank, world)
+            model.model.layers.append(layer)
+        model._mark_shard(rank, world)
+        return model.eval()
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
