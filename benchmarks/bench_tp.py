@@ -28,7 +28,10 @@ from lowbit.loading.dummy import build_dummy_model  # noqa: E402
 
 
 def greedy_run(arch: str, w_bits: int, tp: int, steps: int) -> list[dict]:
-    llm = LLM(build_dummy_model(arch, w_bits, 128, "auto", "cuda:0", seed=1), max_batch_size=4, max_model_len=256,
+    # rank 0 builds only its shard (the other ranks theirs): 70B in fp16 fits no single GPU
+    shard = (0, tp) if tp > 1 else None
+    llm = LLM(build_dummy_model(arch, w_bits, 128, "auto", "cuda:0", seed=1, shard=shard), max_batch_size=4,
+              max_model_len=256,
               gpu_memory_utilization=0.8, tensor_parallel_size=tp)
     prompts = [[1, 450, 49], [1, 368, 338, 263, 124], [7, 8, 9, 10]]
     try:

@@ -36,21 +36,23 @@ class ModelSpec:
             return f"{self.arch} dummy " + (dtype if self.w_bits == 16 else f"W{self.w_bits}A16 g{self.group_size}")
         return self.model if model is None else f"{self.model} ({dtype})"
 
-    def load(self):
-        """-> (model, tokenizer, checkpoint), the triple LLM takes."""
+    def load(self, tp: int = 1):
+        """-> (model, tokenizer, checkpoint), the triple LLM takes; with tp > 1 rank 0's shard only
+        (LLM's other ranks build theirs: no GPU ever holds the whole model)."""
+        shard = (0, tp) if tp > 1 else None
         if self.dummy_weights:
             from lowbit.loading.dummy import build_dummy_model
 
             if not self.arch:
                 raise LowbitError("--dummy-weights needs --arch (tiny, llama2-7b, llama3-8b, llama2-70b)")
-            return build_dummy_model(self.arch, self.w_bits, self.group_size, self.dtype, self.device)
+            return build_dummy_model(self.arch, self.w_bits, self.group_size, self.dtype, self.device, shard=shard)
         if self.w_bits != 16:
             raise LowbitError(f"--w-bits {self.w_bits} applies to --dummy-weights; a checkpoint's weights are "
                               "what it stores (quantize it first with `lowbit quantize`)")
         from lowbit.loading.loader import load_model
         from lowbit.models.default import resolve_model
 
-        return load_model(resolve_model(self.model), self.dtype, self.device)
+        return load_model(resolve_model(self.model), self.dtype, self.device, shard=shard)
 
 
 def device_of(model) -> torch.device:

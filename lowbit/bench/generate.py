@@ -109,7 +109,7 @@ def run_generate(spec: ModelSpec, opts: GenerateOptions, out_dir: Path | None = 
 
     opts.check()
     t0 = time.perf_counter()
-    model, tok, ckpt = loaded or spec.load()
+    model, tok, ckpt = loaded or spec.load(opts.tp)
     device = device_of(model)
     name = spec.describe(model)
     record = {"bench": "generate", "model": name, "spec": asdict(spec), "options": asdict(opts),

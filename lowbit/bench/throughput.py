@@ -107,7 +107,7 @@ def run_throughput(spec: ModelSpec, opts: ThroughputOptions, out_dir: Path | Non
     from lowbit.engine.llm import LLM
 
     opts.check()
-    model, tok, ckpt = spec.load()
+    model, tok, ckpt = spec.load(opts.tp)
     device = device_of(model)
     ctx = model.config.max_position_embeddings
     path = None if spec.dummy_weights else find_conversations(opts.dataset)
