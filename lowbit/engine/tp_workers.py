@@ -1,8 +1,9 @@
 """Tensor parallelism's processes: rank 0 is the process that made the `LLM` (scheduler, sampler,
 the user's command); ranks 1..N-1 are worker processes it starts, one per GPU (or CPU process with
 gloo). Each rank builds only its shard of the model, a layer at a time (`LlamaModel.build_shard`),
-and the same model runner; then every step rank 0 broadcasts the step's inputs and all ranks run the model together
-(the collectives inside it keep them in step), rank 0 alone sampling from the gathered logits.
+and the same model runner; then every step rank 0 broadcasts the step's inputs and all ranks run
+the model together (the collectives inside it keep them in step), rank 0 alone sampling from the
+gathered logits.
 
 A worker that fails reports its error through a queue and exits; rank 0 raises it by rank. The
 workers are daemon processes: they end with rank 0, and `TPWorkers.close` stops them first.

@@ -119,12 +119,17 @@ def int8_linear(x: torch.Tensor, kept: tuple[torch.Tensor, torch.Tensor], bias: 
     return y + bias if bias is not None else y
 
 
-def dense_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The int8 copy of a dense weight, kept on the tensor and made again when it changes in place."""
-    kept = weight.__dict__.get("_lowbit_int8")
+def _kept_on(weight: torch.Tensor, slot: str, make: Callable[[torch.Tensor], object]):
+    """make(weight), kept on the tensor under `slot` and made again when it changes in place."""
+    kept = weight.__dict__.get(slot)
     if kept is None or kept[0] != weight._version:
-        weight.__dict__["_lowbit_int8"] = kept = (weight._version, int8_copy(weight.detach()))
+        weight.__dict__[slot] = kept = (weight._version, make(weight.detach()))
     return kept[1]
+
+
+def dense_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8 copy of a dense weight (int8_copy), kept on the tensor."""
+    return _kept_on(weight, "_lowbit_int8", int8_copy)
 
 
 def half_linear(x: torch.Tensor, weight16: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -135,12 +140,13 @@ def half_linear(x: torch.Tensor, weight16: torch.Tensor, bias: torch.Tensor | No
 
 def half_copy(weight: torch.Tensor) -> torch.Tensor | None:
     """An fp16 copy of a dense weight where fp16 holds it exactly (a checkpoint stored in fp16),
-    else None; kept on the tensor, and made again when the weight changes in place."""
-    kept = weight.__dict__.get("_lowbit_fp16")
-    if kept is None or kept[0] != weight._version:
-        w16 = weight.detach().half()
-        weight.__dict__["_lowbit_fp16"] = kept = (weight._version, w16 if torch.equal(w16.float(), weight) else None)
-    return kept[1]
+    else None; kept on the tensor."""
+
+    def exact_half(w: torch.Tensor) -> torch.Tensor | None:
+        w16 = w.half()
+        return w16 if torch.equal(w16.float(), w) else None
+
+    return _kept_on(weight, "_lowbit_fp16", exact_half)
 
 
 class _Kept:

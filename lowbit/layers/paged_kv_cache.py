@@ -174,13 +174,15 @@ class PagedKVCache:
         return {"k_scale_zero": self.k_scale_zero[layer], "v_scale_zero": self.v_scale_zero[layer]}
 
     # -- writing -----------------------------------------------------------------------------
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v [T, kv_heads, head_dim] into the slots of the step's tokens."""
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, rope: tuple | None = None) -> None:
+        """k, v [T, kv_heads, head_dim] into the slots of the step's tokens; rope = (q, cos, sin): the
+        kernel applies the rotary embedding on the way (write_kv's `rope`; the kernel path only)."""
         slots = self.meta.slot_mapping
         if self.kernels.write_kv is not None:
-            self.kernels.write_kv(k, v, self.k[layer], self.v[layer], slots, kv_bits=self.kv_bits,
+            self.kernels.write_kv(k, v, self.k[layer], self.v[layer], slots, kv_bits=self.kv_bits, rope=rope,
                                   **self._scale_zero(layer))
             return
+        assert rope is None, "the PyTorch write takes rotated keys (PagedKVCache.attention rotates them)"
         if self.kv_bits == 16:
             self._flat(self.k[layer]).index_copy_(0, slots, k.to(self.dtype))
             self._flat(self.v[layer]).index_copy_(0, slots, v.to(self.dtype))
@@ -288,8 +290,7 @@ class PagedKVCache:
         if self.rotation is None and self.kernels.write_kv is not None:
             # one kernel: q rotated in place, k rotated as it is stored (the rotary's own launch saved)
             q = q[0]
-            self.kernels.write_kv(k[0], v[0], self.k[layer], self.v[layer], m.slot_mapping, kv_bits=self.kv_bits,
-                                  rope=(q, cos[0], sin[0]), **self._scale_zero(layer))
+            self.write(layer, k[0], v[0], rope=(q, cos[0], sin[0]))
         else:
             q, k = apply_rotary(q, k, cos, sin)
             q, k, v = q[0], k[0], v[0]  # [T, heads, D]

@@ -125,8 +125,8 @@ def build_dummy_model(arch: str, w_bits: int = 16, group_size: int = 128, dtype:
         """Random weights for `root`, the decoder layer `prefix` names (or, for "", the rest of the
         model: embeddings, final norm, output head)."""
         gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(prefix.encode()))
-        mine = [(n, m) for n, m in root.named_modules() if prefix or not n.startswith("model.layers")]
-        for _, module in mine:
+        mine = [m for n, m in root.named_modules() if prefix or not n.startswith("model.layers")]
+        for module in mine:
             for name, p in module.named_parameters(recurse=False):
                 if name == "weight" and isinstance(module, RMSNorm):
                     p.fill_(1.0)
@@ -136,7 +136,7 @@ def build_dummy_model(arch: str, w_bits: int = 16, group_size: int = 128, dtype:
                     p.normal_(0.0, INIT_STD, generator=gen)
         if w_bits != 16:
             fill_packed = _fill_quantized if w_bits == 4 else _fill_w8a8
-            for _, module in mine:
+            for module in mine:
                 if getattr(module, "method", None) is not None and module.method.name != "dense":
                     fill_packed(module, gen)
 

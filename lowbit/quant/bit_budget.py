@@ -3,11 +3,12 @@
 A multiple-choice knapsack: minimise sum_i w_i * err_i(o_i) subject to
 sum_i total_bits_i(o_i) <= bpw * sum_i numel_i, where w_i is the linear's measured sensitivity (the
 KL a unit of its output error costs: quant/sensitivity.py), so the sum is the predicted KL.
-Solved by dynamic programming over the budget left above the cheapest choice of every linear, in at most MAX_CELLS steps: with fewer bits to spend
-than that the DP is exact; otherwise each option's extra cost is rounded *up* to whole steps (so the
-answer always fits) and a greedy pass then spends what the rounding left, upgrading wherever one
-more option fits and lowers the error most. Without weights errors are weighted by numel (what the
-first optimizer did: it gave layer 0's q and o projections 2 bits, and lost to uniform 4-bit).
+Solved by dynamic programming over the budget left above the cheapest choice of every linear, in at
+most MAX_CELLS steps: with fewer bits to spend than that the DP is exact; otherwise each option's
+extra cost is rounded *up* to whole steps (so the answer always fits) and a greedy pass then spends
+what the rounding left, upgrading wherever one more option fits and lowers the error most. Without
+weights errors are weighted by numel (what the first optimizer did: it gave layer 0's q and o
+projections 2 bits, and lost to uniform 4-bit).
 """
 from __future__ import annotations
 
