@@ -12,6 +12,7 @@ kernel name. Writes profile_<arch>_w<bits>.json and prints the table, largest fi
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -153,6 +154,10 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for w in args.w_bits:
+        # the last engine (its KV cache, CUDA graphs, reference cycles) must be gone before the next
+        # sizes its cache from free memory: else --w-bits 16 4 left the second no KV blocks
+        gc.collect()
+        torch.cuda.empty_cache()
         rec = decode_profile(args.arch, w, args.steps, args.kv_bits, args.eager, args.batch, not args.no_trace,
                              args.env_ab, args.scheduler_steps)
         rec["command"] = " ".join(sys.argv)
@@ -172,7 +177,6 @@ def main() -> None:
             print(f"{r['advance_us_per_step']:9.1f} us on the chain {r['us_per_step']:9.1f} us in kernel "
                   f"{r['calls_per_step']:6.1f}x {r['us_per_call']:8.2f} us  {r['kernel']}")
         del rec
-        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -11,9 +11,9 @@
 // b * 16 + k. So a thread loads rows 2t, 2t + 1, 2t + 8, 2t + 9 of a block, 16 bytes each (4 adjacent
 // output columns, one per MMA n-tile: n-tile u's column n is output column 4n + u of the warp's 32),
 // and these four int32 a column are its B fragments for all 8 planes. PRMT pairs two rows' words,
-// Marlin's LOP3 trick (code | 0x6400 is the fp16 1024 + code) makes each half2 of codes, one HSUB2
-// (minus 1024 + zero) and one HMUL2 (scale) the fp16 weights: ~1.75 instructions a weight, paid once
-// however many rows M has. x (the A operand) is staged in shared memory, in chunks of K, and read
+// Marlin's LOP3 trick (code | 0x6400 is the fp16 1024 + code) makes each half2 of codes, and one HSUB2
+// (minus 1024 + zero) the exact fp16 code - zero: ~1.25 instructions a weight, paid once however many
+// rows M has; the group's scale multiplies the fp32 sums after the MMAs. x (the A operand) is staged in shared memory, in chunks of K, and read
 // with ldmatrix (copied in chunks of K by cp.async, double-buffered); the accumulators are fp32.
 //
 // A program has kWarps warps, each owning 32 output columns and all of the program's K blocks (so x
@@ -88,18 +88,18 @@ __device__ __forceinline__ void load_block(Block& blk, const LaneWeights& lw, in
   }
 }
 
-// the B fragments (fp16 (code - zero) * scale) of planes 4h .. 4h + 3 from two rows' words of one
+// the B fragments (fp16 code - zero, exact) of planes 4h .. 4h + 3 from two rows' words of one
 // column: PRMT puts the rows' low (h = 0) or high (h = 1) 16 bits side by side, so each LOP3 yields
 // the half2 {1024 + code of row a, 1024 + code of row b} of one plane (16x for the odd planes)
-__device__ __forceinline__ void dequant_pair(uint32_t wa, uint32_t wb, int h, half2 z1024, half2 z64_neg, half2 s,
+__device__ __forceinline__ void dequant_pair(uint32_t wa, uint32_t wb, int h, half2 z1024, half2 z64_neg,
                                              uint32_t (&frag)[4]) {
   const half2 inv16 = __float2half2_rn(0.0625f);
   const uint32_t p = __byte_perm(wa, wb, h ? 0x7632 : 0x5410);
   const uint32_t p8 = p >> 8;
-  frag[0] = as_u32(__hmul2(__hsub2(as_h2(with_magic(p, 0x000f000f)), z1024), s));
-  frag[1] = as_u32(__hmul2(__hfma2(as_h2(with_magic(p, 0x00f000f0)), inv16, z64_neg), s));
-  frag[2] = as_u32(__hmul2(__hsub2(as_h2(with_magic(p8, 0x000f000f)), z1024), s));
-  frag[3] = as_u32(__hmul2(__hfma2(as_h2(with_magic(p8, 0x00f000f0)), inv16, z64_neg), s));
+  frag[0] = as_u32(__hsub2(as_h2(with_magic(p, 0x000f000f)), z1024));
+  frag[1] = as_u32(__hfma2(as_h2(with_magic(p, 0x00f000f0)), inv16, z64_neg));
+  frag[2] = as_u32(__hsub2(as_h2(with_magic(p8, 0x000f000f)), z1024));
+  frag[3] = as_u32(__hfma2(as_h2(with_magic(p8, 0x00f000f0)), inv16, z64_neg));
 }
 
 __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
@@ -110,20 +110,61 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// the same MMA onto zero sums (the first plane of a group's part: no registers to clear)
+__device__ __forceinline__ void mma_16816_fresh(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%10, %10, %10, %10};"
+      : "=f"(c[0]), "=f"(c[1]), "=f"(c[2]), "=f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
+}
+
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&a)[4], const half* p) {
   const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
                : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3]) : "r"(addr));
 }
 
+// acc += part * the group's scales of the lane's C columns. A lane holds B columns 4g .. 4g + 3 of
+// the warp's 32 (its scales s_b) but C columns 8t .. 8t + 7: those are lanes 8t's and 8t + 4's B
+// columns, fetched by shuffle; C element e of n-tile u is column 8t + 4 * (e & 1) + u.
+template <int kMT>
+__device__ __forceinline__ void add_scaled(float (&acc)[kMT][4][4], const float (&part)[kMT][4][4], uint2 s_b, int t) {
+  uint2 s_c[2];
+#pragma unroll
+  for (int hi = 0; hi < 2; ++hi) {
+    s_c[hi].x = __shfl_sync(0xffffffffu, s_b.x, 8 * t + 4 * hi);
+    s_c[hi].y = __shfl_sync(0xffffffffu, s_b.y, 8 * t + 4 * hi);
+  }
+  float sc[2][4];
+#pragma unroll
+  for (int hi = 0; hi < 2; ++hi) {
+    const float2 lo = __half22float2(as_h2(s_c[hi].x)), up = __half22float2(as_h2(s_c[hi].y));
+    sc[hi][0] = lo.x, sc[hi][1] = lo.y, sc[hi][2] = up.x, sc[hi][3] = up.y;
+  }
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mt][u][e] = fmaf(part[mt][u][e], sc[e & 1][u], acc[mt][u][e]);
+}
+
 // one block against the x rows staged in shared memory (its 128 columns start at x_block; rows
-// `stride` halves apart): per half of the block, the 4 columns' B fragments, then per plane one
-// ldmatrix of x per 16 rows and one MMA per (16 rows, n-tile)
+// `stride` halves apart): per half of the block, the 4 columns' B fragments (code - zero, exact in
+// fp16), then per plane one ldmatrix of x per 16 rows and one MMA per (16 rows, n-tile) into fp32
+// sums of the group, scaled once per group into acc. `one_group`: both halves lie in one group
+// (groups of >= 128 columns), so the block's sums are scaled once.
+// Why the scale after the MMA: per weight it was an HMUL2 more in every fragment's chain (64 of a
+// block's ~320 instructions a warp), and Nsight Compute found the warps of this kernel idle ~9 cycles
+// between issues on such chains (benchmarks/README.md, stop 12); in fp32, once per group, it is 16
+// FMAs a block.
 template <int kMT>
 __device__ __forceinline__ void mma_block(const Block& blk, const half* x_block, int stride, int lane,
-                                          float (&acc)[kMT][4][4]) {
+                                          float (&acc)[kMT][4][4], bool one_group) {
   // ldmatrix.x4 addresses: lanes 0-7 rows 0-7 of K 0-7, 8-15 rows 8-15, 16-23 rows 0-7 of K 8-15, 24-31
   const half* x_lane = x_block + ((lane & 7) + ((lane >> 3) & 1) * 8) * stride + (lane >> 4) * 8;
+  float part[kMT][4][4];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     uint32_t frag[4][2][4];  // [column u][k rows 2t.. / 2t + 8..][plane of the half]
@@ -132,10 +173,10 @@ __device__ __forceinline__ void mma_block(const Block& blk, const half* x_block,
       const half z = half_of(blk.z[h], u);
       const half2 z1024 = __half2half2(__hadd(z, __float2half(1024.f)));
       const half2 z64_neg = __half2half2(__hneg(__hadd(z, __float2half(64.f))));
-      const half2 s = __half2half2(half_of(blk.s[h], u));
-      dequant_pair(word(blk.r[0], u), word(blk.r[1], u), h, z1024, z64_neg, s, frag[u][0]);
-      dequant_pair(word(blk.r[2], u), word(blk.r[3], u), h, z1024, z64_neg, s, frag[u][1]);
+      dequant_pair(word(blk.r[0], u), word(blk.r[1], u), h, z1024, z64_neg, frag[u][0]);
+      dequant_pair(word(blk.r[2], u), word(blk.r[3], u), h, z1024, z64_neg, frag[u][1]);
     }
+    const bool fresh = h == 0 || !one_group;  // this half starts a group's sums
 #pragma unroll
     for (int jj = 0; jj < 4; ++jj) {
       const int j = 4 * h + jj;
@@ -144,9 +185,15 @@ __device__ __forceinline__ void mma_block(const Block& blk, const half* x_block,
         uint32_t a[4];
         ldmatrix_x4(a, x_lane + mt * 16 * stride + j * 16);
 #pragma unroll
-        for (int u = 0; u < 4; ++u) mma_16816(acc[mt][u], a, frag[u][0][jj], frag[u][1][jj]);
+        for (int u = 0; u < 4; ++u) {
+          if (jj == 0 && fresh)
+            mma_16816_fresh(part[mt][u], a, frag[u][0][jj], frag[u][1][jj]);
+          else
+            mma_16816(part[mt][u], a, frag[u][0][jj], frag[u][1][jj]);
+        }
       }
     }
+    if (h == 1 || !one_group) add_scaled<kMT>(acc, part, blk.s[h], lane & 3);
   }
 }
 
@@ -229,6 +276,7 @@ w4a16_mma_kernel(const half* __restrict__ x, const uint32_t* __restrict__ qweigh
 
   const LaneWeights lw{qweight + static_cast<size_t>(2 * t) * n + n0, scales + n0, zeros + n0,
                        static_cast<size_t>(kRows) * n, n, groups};
+  const bool one_group = groups.shift >= 1;  // a group spans both halves of every block
   Block ring[kDepth];
 #pragma unroll
   for (int d = 0; d < kDepth; ++d)
@@ -260,7 +308,7 @@ w4a16_mma_kernel(const half* __restrict__ x, const uint32_t* __restrict__ qweigh
           asm volatile("cp.async.wait_group 1;" ::: "memory");  // chunk c has landed (this thread's part)
           __syncthreads();                                      // (everyone's)
         }
-        mma_block<kMT>(ring[d], xs + (c & 1) * buf_halves + in_chunk * 128, stride, lane, acc);
+        mma_block<kMT>(ring[d], xs + (c & 1) * buf_halves + in_chunk * 128, stride, lane, acc, one_group);
         if (lb + kDepth < nblk) load_block(ring[d], lw, b_start + lb + kDepth);
         if (++in_chunk == chunk) in_chunk = 0, ++c;
       }
