@@ -306,12 +306,17 @@ def quantize(method: str = typer.Argument(..., help="rtn | awq | gptq | awq-gptq
              bpw: Optional[float] = typer.Option(None, "--bpw", help="mixed: target average bits per weight, scales "
                                                  "and zeros counted (e.g. 4.0)"),
              measurement: Optional[Path] = typer.Option(None, "--measurement", help="mixed: reuse this "
-                                                        "measurement.json (from `lowbit measure`) instead of measuring")):
+                                                        "measurement.json (from `lowbit measure`) instead of measuring"),
+             next_inputs: str = typer.Option("quantized", "--next-inputs", help="awq/gptq/awq-gptq: calibrate each "
+                                             "layer on the last one's quantized outputs (true-sequential) or its "
+                                             "fp (full-precision) outputs, as llm-awq / AutoAWQ")):
     """Quantize MODEL's linear weights with RTN, AWQ, GPTQ or AWQ+GPTQ and write an AWQ or GPTQ checkpoint;
     smoothquant | w8a8 | fp8 quantize weights and activations to 8 bits (a compressed-tensors checkpoint)."""
     from lowbit.quant.api import quantize as do_quantize
 
     w8a8 = {k: v for k, v in {"alpha": alpha, "act_scheme": act_scheme}.items() if v is not None}
+    if next_inputs != "quantized":  # checked (and refused for the other methods) by quantize itself
+        w8a8["next_inputs"] = next_inputs
     if method == "mixed" or bpw is not None or measurement is not None:  # bits and groups per linear: quant/mixed.py
         res = do_quantize(model, method, work_dir, bpw=bpw, measurement=measurement, calib_dataset=calib_dataset,
                           calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed, device=device,

@@ -22,6 +22,7 @@ from lowbit.quant.rtn import check_bits, check_group_size
 
 METHODS = ("rtn", "awq", "gptq", "awq-gptq")
 DEFAULT_FORMAT = {"rtn": "awq", "awq": "awq", "gptq": "gptq", "awq-gptq": "gptq"}
+NEXT_INPUTS = ("quantized", "fp")  # what the next layer is calibrated on (driver.py)
 GPTQ_METHODS = ("gptq", "awq-gptq")  # the methods that round with GPTQ (and so take --act-order)
 DEFAULT_ACT_ORDER = True  # measured on the default model, see README "Weight quantization"
 # bit widths each on-disk layout holds: AutoAWQ's GEMM layout packs 4-bit codes only; the GPTQ
@@ -65,7 +66,7 @@ def linear_in_features(model) -> dict[str, int]:
 
 
 def make_method(method: str, w_bits: int, group_size: int, symmetric: bool, act_order: bool, static_groups: bool,
-                awq_clip: bool = True, mse: bool = False):
+                awq_clip: bool = True, mse: bool = False, next_inputs_fp: bool = False):
     if method == "rtn":
         from lowbit.quant.rtn import RTNMethod
 
@@ -73,14 +74,16 @@ def make_method(method: str, w_bits: int, group_size: int, symmetric: bool, act_
     if method == "awq":
         from lowbit.quant.awq import AWQMethod
 
-        return AWQMethod(w_bits, group_size, symmetric, clip=awq_clip)
+        return AWQMethod(w_bits, group_size, symmetric, clip=awq_clip, next_inputs_fp=next_inputs_fp)
     if method == "awq-gptq":
         from lowbit.quant.awq_gptq import AWQGPTQMethod
 
-        return AWQGPTQMethod(w_bits, group_size, symmetric, act_order=act_order, static_groups=static_groups, mse=mse)
+        return AWQGPTQMethod(w_bits, group_size, symmetric, act_order=act_order, static_groups=static_groups, mse=mse,
+                             next_inputs_fp=next_inputs_fp)
     from lowbit.quant.gptq import GPTQMethod
 
-    return GPTQMethod(w_bits, group_size, symmetric, act_order=act_order, static_groups=static_groups, mse=mse)
+    return GPTQMethod(w_bits, group_size, symmetric, act_order=act_order, static_groups=static_groups, mse=mse,
+                      next_inputs_fp=next_inputs_fp)
 
 
 def check_work_dir(work_dir: str | Path, overwrite: bool) -> None:
@@ -140,13 +143,19 @@ def quantize(model: str | Path | torch.nn.Module = "default", method: str = "awq
              act_order: bool | None = None, static_groups: bool = True, fmt: str | None = None, mse: bool = False,
              dtype: str = "fp32", overwrite: bool = False, awq_clip: bool = True, tokenizer=None,
              log: Callable[[str], None] | None = print, bpw: float | None = None,
-             measurement: str | Path | None = None, **w8a8_options) -> QuantizeResult:
+             measurement: str | Path | None = None, next_inputs: str = "quantized", **w8a8_options) -> QuantizeResult:
     """Quantize MODEL's decoder linears with rtn | awq | gptq | awq-gptq and, with `work_dir`, write an
     AWQ- or GPTQ-format checkpoint there. Returns the fake-quantized model and the codes of every linear.
     act_order None: on for the GPTQ methods (DEFAULT_ACT_ORDER). mse: RTN and GPTQ search each
     group's range (rtn.group_scale_zero; off by default until a perplexity comparison decides);
     AWQ has its own activation-aware clip search instead. "mixed" picks bits and group size per
-    linear for `bpw` from a measurement (quant/mixed.py)."""
+    linear for `bpw` from a measurement (quant/mixed.py). next_inputs: what each next layer is
+    calibrated on, this layer's "quantized" outputs (GPTQ's true-sequential mode, the default) or its
+    "fp" (full-precision) outputs, as llm-awq and AutoAWQ do."""
+    if next_inputs not in NEXT_INPUTS:
+        raise LowbitError(f"--next-inputs {next_inputs!r}: expected one of {', '.join(NEXT_INPUTS)}")
+    if next_inputs != "quantized" and method not in ("awq", "gptq", "awq-gptq"):
+        raise LowbitError(f"--next-inputs applies to awq, gptq and awq-gptq, which calibrate layer by layer; not {method}")
     if method == "mixed":
         from lowbit.quant.mixed import quantize_mixed
 
@@ -178,7 +187,8 @@ def quantize(model: str | Path | torch.nn.Module = "default", method: str = "awq
         check_work_dir(work_dir, overwrite)
     net, tokenizer = model_to_quantize(model, tokenizer, dtype)
     check_group_size(linear_in_features(net), group_size)
-    layer_method = make_method(method, w_bits, group_size, not zero_point, act_order, static_groups, awq_clip, mse)
+    layer_method = make_method(method, w_bits, group_size, not zero_point, act_order, static_groups, awq_clip, mse,
+                               next_inputs_fp=next_inputs == "fp")
     qweights, errors, seconds, calib = run_layers(net, layer_method, tokenizer, calib_dataset, calib_samples,
                                                   calib_seqlen, seed, device, log)
     options = {"method": method, "w_bits": w_bits, "group_size": group_size, "zero_point": zero_point,
@@ -186,7 +196,8 @@ def quantize(model: str | Path | torch.nn.Module = "default", method: str = "awq
                "mse_range": mse if method != "awq" else None,
                "calib_dataset": calib_dataset if calib is not None else None,
                "calib_samples": calib_samples if calib is not None else None,
-               "calib_seqlen": calib_seqlen if calib is not None else None, "seed": seed}
+               "calib_seqlen": calib_seqlen if calib is not None else None, "seed": seed,
+               "next_inputs": next_inputs if calib is not None else None}
     result = QuantizeResult(net, qweights, errors, seconds, None, options)
     if work_dir is not None:
         from lowbit.quant.export import save_quantized

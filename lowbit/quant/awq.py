@@ -137,7 +137,7 @@ class AWQMethod:
     clip: bool = True
     n_grid: int = N_GRID
     duo: bool = True  # AutoAWQ's default; w4g64 on the default model: ppl 26.16 -> 25.99
-    next_inputs_fp: bool = False
+    next_inputs_fp: bool = False  # llm-awq / AutoAWQ feed the next layer full-precision outputs (driver.py)
     needs_calibration: bool = True
 
     def quantize_layer(self, layer: nn.Module, inputs: LayerInputs, prefix: str) -> dict[str, QuantizedWeight]:

@@ -4,7 +4,8 @@ Capture the inputs of layer 0 (the embeddings of the calibration windows); then 
 move it to the compute device, let the method quantize its linears from the captured inputs
 (forward hooks give each linear's own inputs), put the dequantized weights back, run the
 *quantized* layer to make the next layer's inputs (GPTQ's true-sequential mode: error made early
-is seen, and compensated, later), and move the layer back. Peak memory is one layer plus the
+is seen, and compensated, later; a method with `next_inputs_fp` takes the layer's full-precision
+outputs instead, as llm-awq and AutoAWQ do), and move the layer back. Peak memory is one layer plus the
 calibration activations (inputs, fp outputs for the error figure, quantized outputs).
 """
 from __future__ import annotations

@@ -140,6 +140,7 @@ class GPTQMethod:
     static_groups: bool = False
     damp_percent: float = 0.01
     mse: bool = False
+    next_inputs_fp: bool = False  # calibrate the next layer on this one's full-precision outputs (driver.py)
     needs_calibration: bool = True
 
     def quantize_layer(self, layer: nn.Module, inputs: LayerInputs, prefix: str) -> dict[str, QuantizedWeight]:
