@@ -307,6 +307,12 @@ def quantize(method: str = typer.Argument(..., help="rtn | awq | gptq | awq-gptq
                                                  "and zeros counted (e.g. 4.0)"),
              measurement: Optional[Path] = typer.Option(None, "--measurement", help="mixed: reuse this "
                                                         "measurement.json (from `lowbit measure`) instead of measuring"),
+             max_bytes: Optional[str] = typer.Option(None, "--max-bytes", help="mixed, instead of --bpw: the "
+                                                     "weights' size to fit, e.g. 12GB or 11.5GiB (16-bit embeddings, "
+                                                     "norms and head counted); the linears get what is left"),
+             kv_tokens: int = typer.Option(0, "--kv-tokens", min=0, help="with --max-bytes: KV cache tokens to fit "
+                                           "beside the weights (context x batch, e.g. 65536 for 8k x 8)"),
+             kv_bits: int = typer.Option(16, "--kv-bits", help="with --kv-tokens: 16 | 8 | 4, the KV cache's bits"),
              next_inputs: str = typer.Option("quantized", "--next-inputs", help="awq/gptq/awq-gptq: calibrate each "
                                              "layer on the last one's quantized outputs (true-sequential) or its "
                                              "fp (full-precision) outputs, as llm-awq / AutoAWQ")):
@@ -317,11 +323,14 @@ def quantize(method: str = typer.Argument(..., help="rtn | awq | gptq | awq-gptq
     w8a8 = {k: v for k, v in {"alpha": alpha, "act_scheme": act_scheme}.items() if v is not None}
     if next_inputs != "quantized":  # checked (and refused for the other methods) by quantize itself
         w8a8["next_inputs"] = next_inputs
-    if method == "mixed" or bpw is not None or measurement is not None:  # bits and groups per linear: quant/mixed.py
+    budget = {k: v for k, v in {"max_bytes": max_bytes, "kv_tokens": kv_tokens, "kv_bits": kv_bits}.items()
+              if v != {"max_bytes": None, "kv_tokens": 0, "kv_bits": 16}[k]}
+    if method == "mixed" or bpw is not None or measurement is not None or budget:  # per-linear bits: quant/mixed.py
         res = do_quantize(model, method, work_dir, bpw=bpw, measurement=measurement, calib_dataset=calib_dataset,
                           calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed, device=device,
-                          overwrite=overwrite, log=lambda line: typer.echo(line, err=True), **w8a8)
-        typer.echo(f"wrote {res.out_dir} (mixed: {res.options['bpw']:.4f} bpw for --bpw {bpw:g}) in {res.seconds:.1f}s")
+                          overwrite=overwrite, log=lambda line: typer.echo(line, err=True), **budget, **w8a8)
+        asked = f"--bpw {bpw:g}" if bpw is not None else f"--max-bytes {max_bytes} ({res.options['bpw_target']:.4f} bpw)"
+        typer.echo(f"wrote {res.out_dir} (mixed: {res.options['bpw']:.4f} bpw for {asked}) in {res.seconds:.1f}s")
         return
     if method in ("smoothquant", "w8a8", "fp8"):
         res = do_quantize(model, method, work_dir, calib_dataset=calib_dataset, calib_samples=calib_samples,

@@ -206,6 +206,49 @@ def test_mixed_checkpoint_round_trip(measured, tmp_path):
     assert "  layer 1  " in format_info(info)
 
 
+def test_a_byte_budget_becomes_the_bits_per_weight_that_fill_it(measured, tmp_path):
+    """--max-bytes with KV tokens set aside: the linears get 8 x (bytes - 16-bit parameters - KV) / their
+    weights, which the optimizer then spends; a budget that leaves nothing, or two budgets, are refused
+    before any work."""
+    import lowbit
+    from lowbit.layers.paged_kv_cache import PagedKVCache
+    from lowbit.quant.measurement import linear_shapes
+
+    net = tiny_net()
+    cfg = net.config
+    linear = sum(o * i for _k, o, i in linear_shapes(net))
+    dense = (sum(p.numel() for p in net.parameters()) - linear) * 2
+    kv = 100 * PagedKVCache.bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 8,
+                                            torch.float16)
+    max_bytes = dense + kv + 4 * linear // 8  # exactly 4 bits a weight left for the linears
+    res = lowbit.quantize(tiny_net(), "mixed", tmp_path / "q", tokenizer=ByteTokenizer(), max_bytes=f"{max_bytes}B",
+                          kv_tokens=100, kv_bits=8, measurement=measured, calib_samples=2, calib_seqlen=64, log=None)
+    assert res.options["bpw_target"] == pytest.approx(4.0, abs=1e-9)
+    assert 3.9 < res.options["bpw"] <= 4.0
+    assert res.options["byte_budget"] == {"max_bytes": max_bytes, "dense_bytes": dense, "kv_bytes": kv,
+                                          "kv_tokens": 100, "kv_bits": 8, "linear_bytes": max_bytes - dense - kv}
+    for bad, match in (({"max_bytes": dense + kv}, "leaves nothing for the"),
+                       ({"max_bytes": dense + kv + linear // 8}, r"--max-bytes \d+ \(dense parameters \d+ B, KV \d+ B\) "
+                                                                 r"leaves 1: outside the feasible range"),
+                       ({"max_bytes": "1GB", "bpw": 4.0}, "needs one budget"),
+                       ({"bpw": 4.0, "kv_tokens": 8}, "nothing to take it from"),
+                       ({"max_bytes": "12 parsecs"}, "expected a size such as 12GB")):
+        with pytest.raises(LowbitError, match=match):
+            lowbit.quantize(tiny_net(), "mixed", tmp_path / "r", tokenizer=ByteTokenizer(), measurement=measured,
+                            log=None, **{"kv_tokens": 100, "kv_bits": 8, **bad})
+        assert not (tmp_path / "r").exists()
+
+
+def test_sizes_read_as_written():
+    from lowbit.quant.byte_budget import parse_size
+
+    assert parse_size("12GB") == 12 * 10 ** 9 and parse_size("1.5GiB") == 3 * 2 ** 29
+    assert parse_size("900 MB") == 9 * 10 ** 8 and parse_size("4096") == 4096 and parse_size("64kib") == 65536
+    for bad in ("0", "-3GB", "GB", "12 GBs"):
+        with pytest.raises(LowbitError, match="--max-bytes"):
+            parse_size(bad)
+
+
 def test_dynamic_overrides_follow_gptqmodel():
     dynamic = {"-:.*\\.mlp\\.down_proj$": {}, "+:^model\\.layers\\.0\\..*": {"bits": 6, "group_size": 32},
                ".*q_proj": {"bits": 8}}
@@ -235,7 +278,7 @@ def test_cli_refuses_a_missing_measurement_and_a_missing_budget_in_one_line(tmp_
     for args, needles in (
             (["--bpw", "4", "--measurement", str(tmp_path / "none.json")], ["none.json: no such measurement file",
                                                                            "lowbit measure"]),
-            ([], ["quantize mixed needs --bpw"])):
+            ([], ["quantize mixed needs one budget: --bpw", "--max-bytes"])):
         r = run_cli("quantize", "mixed", "default", "--work-dir", str(tmp_path / "q"), *args)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr

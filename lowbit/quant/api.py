@@ -143,7 +143,8 @@ def quantize(model: str | Path | torch.nn.Module = "default", method: str = "awq
              act_order: bool | None = None, static_groups: bool = True, fmt: str | None = None, mse: bool = False,
              dtype: str = "fp32", overwrite: bool = False, awq_clip: bool = True, tokenizer=None,
              log: Callable[[str], None] | None = print, bpw: float | None = None,
-             measurement: str | Path | None = None, next_inputs: str = "quantized", **w8a8_options) -> QuantizeResult:
+             measurement: str | Path | None = None, next_inputs: str = "quantized", max_bytes: str | int | None = None,
+             kv_tokens: int = 0, kv_bits: int = 16, **w8a8_options) -> QuantizeResult:
     """Quantize MODEL's decoder linears with rtn | awq | gptq | awq-gptq and, with `work_dir`, write an
     AWQ- or GPTQ-format checkpoint there. Returns the fake-quantized model and the codes of every linear.
     act_order None: on for the GPTQ methods (DEFAULT_ACT_ORDER). mse: RTN and GPTQ search each
@@ -163,9 +164,11 @@ def quantize(model: str | Path | torch.nn.Module = "default", method: str = "awq
             raise LowbitError(f"mixed: {', '.join(w8a8_options)} apply to smoothquant / w8a8 / fp8 only")
         return quantize_mixed(model, work_dir, bpw=bpw, measurement=measurement, calib_dataset=calib_dataset,
                               calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed, device=device,
-                              dtype=dtype, overwrite=overwrite, tokenizer=tokenizer, log=log)
-    if bpw is not None or measurement is not None:
-        raise LowbitError(f"{method}: --bpw and --measurement are options of `quantize mixed`")
+                              dtype=dtype, overwrite=overwrite, tokenizer=tokenizer, log=log, max_bytes=max_bytes,
+                              kv_tokens=kv_tokens, kv_bits=kv_bits)
+    if bpw is not None or measurement is not None or max_bytes is not None or kv_tokens or kv_bits != 16:
+        raise LowbitError(f"{method}: --bpw, --max-bytes (--kv-tokens, --kv-bits) and --measurement are options of "
+                          f"`quantize mixed`")
     if method in ("smoothquant", "w8a8", "fp8"):  # 8-bit weights and activations: quant/w8a8_api.py
         from lowbit.quant.w8a8_api import quantize_w8a8
 
