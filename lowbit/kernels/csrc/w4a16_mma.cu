@@ -13,8 +13,9 @@
 // and these four int32 a column are its B fragments for all 8 planes. PRMT pairs two rows' words,
 // Marlin's LOP3 trick (code | 0x6400 is the fp16 1024 + code) makes each half2 of codes, and one HSUB2
 // (minus 1024 + zero) the exact fp16 code - zero: ~1.25 instructions a weight, paid once however many
-// rows M has; the group's scale multiplies the fp32 sums after the MMAs. x (the A operand) is staged in shared memory, in chunks of K, and read
-// with ldmatrix (copied in chunks of K by cp.async, double-buffered); the accumulators are fp32.
+// rows M has; the group's scale multiplies the fp32 sums after the MMAs. x (the A operand) is staged
+// in shared memory, in chunks of K, and read with ldmatrix (copied in chunks of K by cp.async,
+// double-buffered); the accumulators are fp32.
 //
 // A program has kWarps warps, each owning 32 output columns and all of the program's K blocks (so x
 // in shared memory serves kWarps * 32 columns); K is split over `split` programs whose fp32 partials
