@@ -150,13 +150,15 @@ def quantize(model: str | Path | torch.nn.Module = "default", method: str = "awq
     act_order None: on for the GPTQ methods (DEFAULT_ACT_ORDER). mse: RTN and GPTQ search each
     group's range (rtn.group_scale_zero; off by default until a perplexity comparison decides);
     AWQ has its own activation-aware clip search instead. "mixed" picks bits and group size per
-    linear for `bpw` from a measurement (quant/mixed.py). next_inputs: what each next layer is
+    linear for `bpw` (or for `max_bytes`, with `kv_tokens` of `kv_bits` KV set aside) from a
+    measurement (quant/mixed.py). next_inputs: what each next layer is
     calibrated on, this layer's "quantized" outputs (GPTQ's true-sequential mode, the default) or its
     "fp" (full-precision) outputs, as llm-awq and AutoAWQ do."""
     if next_inputs not in NEXT_INPUTS:
         raise LowbitError(f"--next-inputs {next_inputs!r}: expected one of {', '.join(NEXT_INPUTS)}")
     if next_inputs != "quantized" and method not in ("awq", "gptq", "awq-gptq"):
-        raise LowbitError(f"--next-inputs applies to awq, gptq and awq-gptq, which calibrate layer by layer; not {method}")
+        raise LowbitError(f"--next-inputs applies to awq, gptq and awq-gptq, which calibrate layer by layer; "
+                          f"not {method}")
     if method == "mixed":
         from lowbit.quant.mixed import quantize_mixed
 
