@@ -52,6 +52,7 @@ def bpw_for_bytes(net: nn.Module, linear_numel: int, max_bytes: int, kv_tokens: 
     breakdown = {"max_bytes": max_bytes, "dense_bytes": other, "kv_bytes": kv, "kv_tokens": kv_tokens,
                  "kv_bits": kv_bits, "linear_bytes": left}
     if left <= 0:
-        raise LowbitError(f"--max-bytes {max_bytes}: the 16-bit parameters take {other} bytes and {kv_tokens} tokens "
-                          f"of {kv_bits}-bit KV {kv}, which leaves nothing for the {linear_numel} linear weights")
+        raise LowbitError(f"--max-bytes {max_bytes}: the 16-bit parameters take {other} bytes and the KV cache "
+                          f"({kv_tokens} tokens at {kv_bits} bits) {kv}, which leaves nothing for the {linear_numel} "
+                          f"linear weights")
     return 8 * left / linear_numel, breakdown
