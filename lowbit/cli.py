@@ -323,8 +323,13 @@ def quantize(method: str = typer.Argument(..., help="rtn | awq | gptq | awq-gptq
     w8a8 = {k: v for k, v in {"alpha": alpha, "act_scheme": act_scheme}.items() if v is not None}
     if next_inputs != "quantized":  # checked (and refused for the other methods) by quantize itself
         w8a8["next_inputs"] = next_inputs
-    budget = {k: v for k, v in {"max_bytes": max_bytes, "kv_tokens": kv_tokens, "kv_bits": kv_bits}.items()
-              if v != {"max_bytes": None, "kv_tokens": 0, "kv_bits": 16}[k]}
+    budget = {}  # the byte budget's options, only those given (quantize refuses them for other methods)
+    if max_bytes is not None:
+        budget["max_bytes"] = max_bytes
+    if kv_tokens:
+        budget["kv_tokens"] = kv_tokens
+    if kv_bits != 16:
+        budget["kv_bits"] = kv_bits
     if method == "mixed" or bpw is not None or measurement is not None or budget:  # per-linear bits: quant/mixed.py
         res = do_quantize(model, method, work_dir, bpw=bpw, measurement=measurement, calib_dataset=calib_dataset,
                           calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed, device=device,
