@@ -30,20 +30,17 @@ import torch  # noqa: E402
 from lowbit.eval.datasets import load_text  # noqa: E402
 from lowbit.eval.kv_forward import BLOCK_SIZE  # noqa: E402
 from lowbit.eval.ppl import token_windows  # noqa: E402
+from lowbit.kernels.kv_quant import dequantize_kv_ref, quantize_kv_ref  # noqa: E402
 from lowbit.layers.paged_kv_cache import PagedAttentionMetadata, PagedKVCache, hadamard  # noqa: E402
 from lowbit.layers.rotary import apply_rotary  # noqa: E402
 
 
 def fake_per_token(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
-    """kv_quant.py's asymmetric midpoint format over groups of `group` of the last dim."""
+    """The shipped format's arithmetic (kernels/kv_quant.py's reference, asymmetric with a midpoint
+    zero) over groups of `group` of the last dim: quantized, then dequantized."""
     shp = x.shape
-    xf = x.float().reshape(*shp[:-1], shp[-1] // group, group)
-    lo, hi = xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True)
-    top = 2 ** bits - 1
-    scale = ((hi - lo) / top).clamp(min=1e-6).half().float()
-    zero = ((lo + hi) / 2).half().float()
-    q = torch.clamp(torch.round((xf - zero) / scale) + 2 ** (bits - 1), 0, top)
-    return ((q - 2 ** (bits - 1)) * scale + zero).reshape(shp).to(x.dtype)
+    grouped = x.reshape(*shp[:-1], shp[-1] // group, group)
+    return dequantize_kv_ref(*quantize_kv_ref(grouped, bits), bits).reshape(shp).to(x.dtype)
 
 
 def fake_per_channel(x: torch.Tensor, bits: int, tokens: int) -> torch.Tensor:

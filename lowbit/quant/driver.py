@@ -5,8 +5,8 @@ move it to the compute device, let the method quantize its linears from the capt
 (forward hooks give each linear's own inputs), put the dequantized weights back, run the
 *quantized* layer to make the next layer's inputs (GPTQ's true-sequential mode: error made early
 is seen, and compensated, later; a method with `next_inputs_fp` takes the layer's full-precision
-outputs instead, as llm-awq and AutoAWQ do), and move the layer back. Peak memory is one layer plus the
-calibration activations (inputs, fp outputs for the error figure, quantized outputs).
+outputs instead, as llm-awq and AutoAWQ do), and move the layer back. Peak memory is one layer plus
+the calibration activations (inputs, fp outputs for the error figure, quantized outputs).
 """
 from __future__ import annotations
 
